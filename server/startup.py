@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from models.blas import blas_in_use
 from models.errors import ModelError
+from models.layers import fastmath
 from models.loader import LoadedModel, Progress, load
 from models.quantize import count_parameters
 from server.demo import DEMO_MODEL_ID, demo_model_dir
@@ -113,6 +114,16 @@ def _progress_bar() -> Iterator[Progress]:
         yield update
 
 
+def apply_compute_settings(settings: Settings) -> None:
+    """Set the process-wide MLX knobs the settings name, before the model is loaded.
+
+    Args:
+        settings: The server settings (``cpu_fast_math``, ``mlx_cache_limit_bytes``).
+    """
+    fastmath.set_enabled(settings.cpu_fast_math)
+    mx.set_cache_limit(settings.mlx_cache_limit_bytes)
+
+
 def load_served_model(settings: Settings) -> ServedModel:
     """Load the model the settings name, with its tokenizer, names and context length.
 
@@ -125,6 +136,7 @@ def load_served_model(settings: Settings) -> ServedModel:
     Raises:
         ModelError: The model cannot be found or loaded, or has no usable tokenizer.
     """
+    apply_compute_settings(settings)
     source = settings.model if settings.model is not None else demo_model_dir()
     with _progress_bar() as progress:
         loaded = load(source, dtype=settings.resolved_dtype(), progress=progress)
@@ -181,6 +193,13 @@ def server_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/v1"
 
 
+def _kernels() -> str:
+    """Which exp/softmax/SiLU kernels run (``models.layers.fastmath``), for the summary line."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return "GPU kernels"
+    return "compiled CPU math" if fastmath.enabled() else "MLX CPU math"
+
+
 def summary_line(served: ServedModel, settings: Settings) -> str:
     """One line for the log at startup: what is served, how big, how fast a BLAS, and where.
 
@@ -207,5 +226,5 @@ def summary_line(served: ServedModel, settings: Settings) -> str:
         f"{format_count(count_parameters(served.loaded.model))} parameters, "
         f"{'/'.join(floats) or 'no floating'} weights{bits}, "
         f"{format_bytes(sum(v.nbytes for v in params))}, context {served.max_model_len} tokens, "
-        f"BLAS: {blas_in_use()}; at {server_url(settings.host, settings.port)}"
+        f"BLAS: {blas_in_use()}, {_kernels()}; at {server_url(settings.host, settings.port)}"
     )

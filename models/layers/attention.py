@@ -17,6 +17,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.layers import fastmath
 from models.layers.rope import RoPE, RopeConfig
 
 
@@ -109,6 +110,51 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, K, S, D]
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attend(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, H*D]
         return getattr(self, n.o)(out)
+
+
+def attend(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: mx.array | str | None
+) -> mx.array:
+    """Scaled dot-product attention with grouped-query heads.
+
+    On the GPU this is ``mx.fast.scaled_dot_product_attention``. On the CPU that function is
+    a composition of ops whose softmax spends most of its time in ``mx.exp``, so when
+    ``fastmath`` is enabled the same three steps run here with its compiled exponential:
+    ``Q K^T`` (one batched matmul per KV head, the G query heads that share it stacked as
+    rows), a masked softmax in float32, then ``P V``.
+
+    Args:
+        q: Queries ``[B, H, L, D]``.
+        k: Keys ``[B, K, S, D]`` (H % K == 0).
+        v: Values ``[B, K, S, D]``.
+        scale: Multiplier of the scores (usually ``D ** -0.5``).
+        mask: None, ``"causal"`` (bottom-right aligned: query i sees keys ``<= S - L + i``),
+            or a boolean array broadcastable to ``[B, H or 1, L, S]`` (True = may attend).
+
+    Returns:
+        ``[B, H, L, D]``.
+    """
+    if not fastmath.enabled():
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, H, L, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    qg = (q * scale).reshape(B, K, G * L, D)  # query head h = kv_head * G + g
+    scores = (qg @ k.swapaxes(-1, -2)).reshape(B, K, G, L, S)
+    keep = None
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown attention mask mode {mask!r}")
+        keep = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]  # [L, S]
+    elif mask is not None:
+        if mask.dtype != mx.bool_:
+            raise ValueError("attention masks must be boolean")
+        keep = mask if mask.ndim < 4 else mask.reshape(mask.shape[0], -1, 1, L, S)
+        if keep.ndim == 5 and keep.shape[1] == H:
+            keep = keep.reshape(mask.shape[0], K, G, L, S)
+    probs = fastmath.softmax(scores, axis=-1, keep=keep).astype(v.dtype)
+    out = probs.reshape(B, K, G * L, S) @ v  # [B, K, G*L, D]
+    return out.reshape(B, H, L, D)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.layers.fastmath import swiglu
+
 
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward block with the MLX-layout names ``gate_proj/up_proj/down_proj``.
@@ -30,4 +32,4 @@ class GatedMLP(nn.Module):
         Returns:
             ``[..., M]``.
         """
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

@@ -24,6 +24,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.layers.fastmath import swiglu
+
 
 def softmax_topk(
     logits: mx.array, k: int, renormalize_p: float | None = None
@@ -327,19 +329,21 @@ CPU_GATHER_MAX_TOKENS = 4
 CPU_DENSE_MAX_TOKENS = 24
 
 
-def dispatch_strategy(tokens: int, quantized: bool) -> str:
+def dispatch_strategy(tokens: int, quantized: bool, dtype: mx.Dtype = mx.float32) -> str:
     """Pick how routed experts run for a batch of ``tokens`` tokens.
 
     Args:
         tokens: T.
         quantized: Whether the expert weights are quantized.
+        dtype: The activations' dtype. MLX's CPU ``gather_mm`` takes float32 only, so half
+            precision on the CPU never uses it.
 
     Returns:
         ``"gather"``, ``"dense"`` or ``"grouped"``.
     """
     if quantized or mx.default_device().type != mx.DeviceType.cpu:
         return "gather"
-    if tokens <= CPU_GATHER_MAX_TOKENS:
+    if tokens <= CPU_GATHER_MAX_TOKENS and dtype == mx.float32:
         return "gather"
     return "dense" if tokens <= CPU_DENSE_MAX_TOKENS else "grouped"
 
@@ -364,7 +368,7 @@ class SwitchGLU(nn.Module):
             Per-expert outputs ``[T, A, M]`` (combine with ``combine_experts``).
         """
         quantized = isinstance(self.gate_proj, QuantizedSwitchLinear)
-        strategy = dispatch_strategy(x.shape[0], quantized)
+        strategy = dispatch_strategy(x.shape[0], quantized, x.dtype)
         if strategy == "dense":
             return self._dense(x, inds)
         if strategy == "grouped":
@@ -372,7 +376,7 @@ class SwitchGLU(nn.Module):
         return self._gathered(x, inds)
 
     def _dense(self, x: mx.array, inds: mx.array) -> mx.array:
-        h = nn.silu(self.gate_proj.all_experts(x)) * self.up_proj.all_experts(x)  # [E, T, F]
+        h = swiglu(self.gate_proj.all_experts(x), self.up_proj.all_experts(x))  # [E, T, F]
         out = self.down_proj.all_experts(h).swapaxes(0, 1)  # [T, E, M]
         return mx.take_along_axis(out, inds[..., None].astype(mx.int32), axis=1)  # [T, A, M]
 
@@ -387,7 +391,7 @@ class SwitchGLU(nn.Module):
         for e, count in enumerate(counts):
             if count:
                 seg = rows[start : start + count]  # [N_e, M]
-                h = nn.silu(self.gate_proj.one_expert(seg, e)) * self.up_proj.one_expert(seg, e)
+                h = swiglu(self.gate_proj.one_expert(seg, e), self.up_proj.one_expert(seg, e))
                 outs.append(self.down_proj.one_expert(h, e))  # [N_e, M]
                 start += count
         return mx.concatenate(outs)[mx.argsort(order)].reshape(T, A, -1)
@@ -408,4 +412,4 @@ class SwitchGLU(nn.Module):
     def _glu(self, x: mx.array, inds: mx.array, sorted_indices: bool) -> mx.array:
         gate = self.gate_proj(x, inds, sorted_indices)
         up = self.up_proj(x, inds, sorted_indices)
-        return self.down_proj(nn.silu(gate) * up, inds, sorted_indices)
+        return self.down_proj(swiglu(gate, up), inds, sorted_indices)

@@ -40,7 +40,7 @@ def test_dispatch_paths_agree_with_definition(monkeypatch, tokens, strategy, bia
             p.bias = mx.random.normal(p.bias.shape)
     x = mx.random.normal((tokens, 32))
     inds = mx.argsort(mx.random.uniform(shape=(tokens, 6)), axis=-1)[:, :2].astype(mx.uint32)
-    monkeypatch.setattr(moe, "dispatch_strategy", lambda _t, _q: strategy)
+    monkeypatch.setattr(moe, "dispatch_strategy", lambda *_a: strategy)
     out = layer(x, inds)
     assert out.shape == (tokens, 2, 32)
     assert mx.allclose(out, _reference_glu(layer, x, inds), atol=1e-4).item()
@@ -53,6 +53,24 @@ def test_cpu_dispatch_policy() -> None:
     assert moe.dispatch_strategy(16, quantized=False) == "dense"
     assert moe.dispatch_strategy(moe.CPU_DENSE_MAX_TOKENS + 1, quantized=False) == "grouped"
     assert moe.dispatch_strategy(16, quantized=True) == "gather"
+    # MLX's CPU gather_mm is float32-only: half precision takes the dense path instead.
+    assert moe.dispatch_strategy(1, quantized=False, dtype=mx.float16) == "dense"
+    assert moe.dispatch_strategy(1, quantized=False, dtype=mx.bfloat16) == "dense"
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_precision_decode_runs_on_the_cpu(dtype) -> None:
+    # One token (a single-stream decode step) in half precision used to reach gather_mm,
+    # which MLX's CPU backend refuses for anything but float32.
+    mx.random.seed(0)
+    layer = SwitchGLU(32, 16, num_experts=6)
+    x = mx.random.normal((1, 32))
+    inds = mx.array([[1, 4]], dtype=mx.uint32)
+    want = _reference_glu(layer, x, inds)
+    layer.set_dtype(dtype)
+    out = layer(x.astype(dtype), inds)
+    assert out.dtype == dtype
+    assert mx.allclose(out.astype(mx.float32), want, atol=2e-2).item()
 
 
 def _softmax(v: list[float]) -> list[float]:

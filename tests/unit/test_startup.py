@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 import models.loader as loader
 from models.blas import blas_in_use
 from models.errors import ModelError
+from models.layers import fastmath
 from server import cli
 from server.settings import Settings, cli_flag, env_var
 from server.startup import (
@@ -164,8 +165,19 @@ def test_summary_line(demo_dir: Path) -> None:
     assert f"{format_count(sum(v.size for v in params))} parameters" in line
     assert "float32 weights" in line
     assert format_bytes(sum(v.nbytes for v in params)) in line and "MiB" in line
-    assert f"BLAS: {blas_in_use()}" in line
+    kernels = "compiled CPU math" if fastmath.enabled() else "MLX CPU math"
+    assert f"BLAS: {blas_in_use()}, {kernels};" in line
     assert line.endswith("at http://127.0.0.1:8000/v1")
+
+
+def test_summary_line_names_the_cpu_kernels(demo_dir: Path) -> None:
+    settings = Settings(cpu_fast_math=False)
+    try:
+        served = load_served_model(settings)
+        assert not fastmath.enabled()
+        assert ", MLX CPU math;" in summary_line(served, settings)
+    finally:
+        fastmath.set_enabled(True)
 
 
 def test_formatting_helpers() -> None:

@@ -1,0 +1,147 @@
+"""The compiled CPU math: accuracy against float64, agreement with MLX's ops, the fallback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from models.layers import fastmath
+from models.layers.attention import attend
+from models.loader import load_model
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
+
+
+@pytest.fixture(autouse=True)
+def _restore_fastmath() -> Iterator[None]:
+    saved = dict(fastmath._state)
+    yield
+    fastmath._state.update(saved)
+
+
+@pytest.fixture
+def fast() -> None:
+    if not fastmath.enabled():
+        pytest.skip("MLX cannot JIT-compile CPU kernels here (no C++ compiler)")
+
+
+def test_exp_is_accurate_over_the_float32_range(fast) -> None:
+    x = np.concatenate([np.linspace(-87.0, 88.0, 200_001), [0.0, 1e-8, -1e-8, 0.5, -0.5]])
+    got = np.array(fastmath.exp(mx.array(x.astype(np.float32))), dtype=np.float64)
+    want = np.exp(x.astype(np.float32).astype(np.float64))
+    rel = np.abs(got - want) / want
+    # A couple of float32 ulps; MLX's own mx.exp is at about 3e-6 on the same inputs.
+    assert rel.max() < 2.5e-7
+
+
+def test_exp_limits(fast) -> None:
+    got = fastmath.exp(mx.array([-mx.inf, -1000.0, -88.5, 1000.0, mx.inf])).tolist()
+    assert got[:3] == [0.0, 0.0, 0.0]  # masked scores contribute exactly nothing
+    assert got[3] == got[4] == pytest.approx(np.exp(np.float64(88.0)), rel=1e-6)  # saturates
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 5), (4, 1, 7), (2, 3, 4, 33)])
+def test_kernels_serve_every_shape_and_dtype(fast, shape) -> None:
+    x = mx.random.normal(shape, key=mx.random.key(len(shape))) * 4
+    up = mx.random.normal(shape, key=mx.random.key(9))
+    assert mx.allclose(fastmath.exp(x), mx.exp(x), rtol=1e-5).item()
+    assert mx.allclose(fastmath.sigmoid(x), mx.sigmoid(x), rtol=1e-5, atol=1e-7).item()
+    assert mx.allclose(fastmath.swiglu(x, up), nn.silu(x) * up, rtol=1e-5, atol=1e-6).item()
+    for dtype in (mx.float16, mx.bfloat16):
+        y = fastmath.swiglu(x.astype(dtype), up.astype(dtype))
+        assert y.dtype == dtype
+        ref = nn.silu(x.astype(dtype).astype(mx.float32)) * up.astype(dtype).astype(mx.float32)
+        assert mx.allclose(y.astype(mx.float32), ref, rtol=1e-2, atol=1e-2).item()
+
+
+def test_softmax_with_and_without_a_mask(fast) -> None:
+    x = mx.random.normal((3, 4, 50), key=mx.random.key(1)) * 6
+    assert mx.allclose(fastmath.softmax(x), mx.softmax(x, axis=-1), atol=1e-7).item()
+    keep = mx.random.uniform(shape=(3, 1, 50), key=mx.random.key(2)) > 0.3
+    keep = keep.at[..., 0].add(True)  # every row keeps something
+    got = fastmath.softmax(x, keep=keep)
+    want = mx.softmax(mx.where(keep, x, -mx.inf), axis=-1)
+    assert mx.allclose(got, want, atol=1e-7).item()
+    assert mx.all(mx.where(keep, 0.0, got) == 0).item()  # masked entries are exactly zero
+    assert mx.allclose(got.sum(axis=-1), mx.ones((3, 4)), atol=1e-6).item()
+
+
+_SHAPES = [(1, 4, 4, 7, 7), (1, 8, 2, 5, 19), (3, 4, 1, 1, 12), (2, 6, 3, 4, 9)]
+
+
+@pytest.mark.parametrize(
+    ("B", "H", "K", "L", "S", "mask_kind"),
+    [(*shape, kind) for shape in _SHAPES for kind in ("causal", "bool")]
+    + [(*shape, "none") for shape in _SHAPES if shape[3] == 1],  # one query needs no mask
+)
+def test_attend_matches_mlx_attention(fast, B, H, K, L, S, mask_kind) -> None:
+    keys = mx.random.split(mx.random.key(B * 100 + L), 3)
+    q = mx.random.normal((B, H, L, 16), key=keys[0])
+    k = mx.random.normal((B, K, S, 16), key=keys[1])
+    v = mx.random.normal((B, K, S, 16), key=keys[2])
+    if mask_kind == "bool":  # left padding per row plus causality, as BatchKVCache builds it
+        pad = mx.array([i % 3 for i in range(B)])
+        cols = mx.arange(S)[None, :]
+        causal = mx.arange(S - L, S)[:, None] >= cols
+        mask = (causal[None] & (cols[None] >= pad[:, None, None]))[:, None]
+    else:
+        mask = "causal" if mask_kind == "causal" else None
+    got = attend(q, k, v, scale=0.25, mask=mask)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, atol=2e-6).item()
+
+
+def test_disabled_means_mlx_ops_exactly() -> None:
+    fastmath.set_enabled(False)
+    assert not fastmath.enabled()
+    x = mx.random.normal((4, 9), key=mx.random.key(3)) * 3
+    assert mx.array_equal(fastmath.exp(x), mx.exp(x)).item()
+    assert mx.array_equal(fastmath.sigmoid(x), mx.sigmoid(x)).item()
+    assert mx.array_equal(fastmath.swiglu(x, x), nn.silu(x) * x).item()
+    assert mx.array_equal(fastmath.softmax(x), mx.softmax(x, axis=-1)).item()
+    q = mx.random.normal((1, 2, 3, 8), key=mx.random.key(4))
+    assert mx.array_equal(
+        attend(q, q, q, scale=0.5, mask="causal"),
+        mx.fast.scaled_dot_product_attention(q, q, q, scale=0.5, mask="causal"),
+    ).item()
+
+
+def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, caplog) -> None:
+    def no_compiler(_x: mx.array) -> mx.array:
+        raise RuntimeError("[Compile::eval_cpu] Failed to compile function")
+
+    monkeypatch.setattr(fastmath, "_fast_exp", no_compiler)
+    fastmath._state.update(wanted=True, works=None)
+    assert not fastmath.enabled()
+    assert "compiled CPU kernels unavailable" in caplog.text
+    x = mx.array([0.0, 1.0])
+    assert mx.array_equal(fastmath.exp(x), mx.exp(x)).item()
+
+
+def _greedy(model: nn.Module, prompt: list[int], n: int) -> list[int]:
+    cache = model.make_cache()
+    logits = model(mx.array([prompt]), cache=cache)[:, -1]
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(mx.argmax(logits, axis=-1).item()))
+        logits = model(mx.array([[out[-1]]]), cache=cache)[:, -1]
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe_a", "glm4_moe_a", "dbrx_a"])
+def test_greedy_output_is_the_same_with_and_without(fast, family) -> None:
+    model, config = load_model(FIXTURES / family / "mlx", "float32")
+    prompts = [
+        mx.random.randint(0, config["vocab_size"], (33,), key=mx.random.key(s)).tolist()
+        for s in range(2)
+    ]
+    fastmath.set_enabled(False)
+    native = [_greedy(model, p, 24) for p in prompts]
+    fastmath.set_enabled(True)
+    assert [_greedy(model, p, 24) for p in prompts] == native
