@@ -121,10 +121,10 @@ def attend(
     """Scaled dot-product attention with grouped-query heads.
 
     On the GPU this is ``mx.fast.scaled_dot_product_attention``. On the CPU that function is
-    a composition of ops whose softmax spends most of its time in ``mx.exp``, so when
-    ``fastmath`` is enabled the same three steps run here with its compiled exponential:
-    ``Q K^T`` (one batched matmul per KV head, the G query heads that share it stacked as
-    rows), a masked softmax in float32, then ``P V``.
+    a composition of ops whose softmax spends most of its time in ``mx.exp``, so for batched
+    decode steps (one query per row, enough rows for ``fastmath.worthwhile``) the same three
+    steps run here with the compiled exponential: ``Q K^T`` (one batched matmul per KV head,
+    the G query heads that share it stacked as rows), a masked softmax in float32, ``P V``.
 
     Args:
         q: Queries ``[B, H, L, D]``.
@@ -137,24 +137,21 @@ def attend(
     Returns:
         ``[B, H, L, D]``.
     """
-    if not fastmath.enabled():
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, D = q.shape
     K, S = k.shape[1], k.shape[2]
+    # Decode steps only: with many queries per row (prefill) MLX's row-wise fused softmax
+    # keeps the L x S scores in cache, which beats our extra passes over them (measured).
+    # A boolean mask is the one form decode uses (left padding); "causal" is moot at L = 1.
+    plain_mask = mask is None or isinstance(mask, str) or mask.dtype == mx.bool_
+    if L > 1 or not plain_mask or not fastmath.worthwhile(B * H * S):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     G = H // K
-    qg = (q * scale).reshape(B, K, G * L, D)  # query head h = kv_head * G + g
-    scores = (qg @ k.swapaxes(-1, -2)).reshape(B, K, G, L, S)
+    qg = (q * scale).reshape(B, K, G, D)  # query head h = kv_head * G + g
+    scores = qg @ k.swapaxes(-1, -2)  # [B, K, G, S]
     keep = None
-    if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"unknown attention mask mode {mask!r}")
-        keep = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]  # [L, S]
-    elif mask is not None:
-        if mask.dtype != mx.bool_:
-            raise ValueError("attention masks must be boolean")
-        keep = mask if mask.ndim < 4 else mask.reshape(mask.shape[0], -1, 1, L, S)
-        if keep.ndim == 5 and keep.shape[1] == H:
-            keep = keep.reshape(mask.shape[0], K, G, L, S)
+    if isinstance(mask, mx.array):  # broadcastable to [B, H, 1, S]
+        keep = mask.reshape(mask.shape[0], -1, 1, S)  # [B, 1 or H, 1, S]
+        if keep.shape[1] == H:
+            keep = keep.reshape(mask.shape[0], K, G, S)
     probs = fastmath.softmax(scores, axis=-1, keep=keep).astype(v.dtype)
-    out = probs.reshape(B, K, G * L, S) @ v  # [B, K, G*L, D]
-    return out.reshape(B, H, L, D)
+    return (probs @ v).reshape(B, H, 1, D)  # [B, K, G, D] -> [B, H, 1, D]

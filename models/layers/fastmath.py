@@ -159,6 +159,24 @@ def enabled() -> bool:
     return bool(_state["works"])
 
 
+# Below this many elements MLX's own op is as fast: the compiled path runs three kernels where
+# MLX runs one or two, and at this size dispatch, not arithmetic, is the cost (measured
+# crossover 2-4k elements on the bench machine).
+MIN_ELEMENTS = 4096
+
+
+def worthwhile(size: int) -> bool:
+    """Whether an operation over ``size`` elements should take the compiled path.
+
+    Args:
+        size: Elements the transcendental function is applied to.
+
+    Returns:
+        True when ``enabled()`` and ``size >= MIN_ELEMENTS``.
+    """
+    return size >= MIN_ELEMENTS and enabled()
+
+
 def exp(x: mx.array) -> mx.array:
     """``e^x`` elementwise.
 
@@ -168,7 +186,7 @@ def exp(x: mx.array) -> mx.array:
     Returns:
         Same shape and dtype.
     """
-    return _fast_exp(x) if enabled() else mx.exp(x)
+    return _fast_exp(x) if worthwhile(x.size) else mx.exp(x)
 
 
 def sigmoid(x: mx.array) -> mx.array:
@@ -180,7 +198,7 @@ def sigmoid(x: mx.array) -> mx.array:
     Returns:
         Same shape and dtype.
     """
-    return _fast_sigmoid(x) if enabled() else mx.sigmoid(x)
+    return _fast_sigmoid(x) if worthwhile(x.size) else mx.sigmoid(x)
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
@@ -193,7 +211,7 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     Returns:
         The activation, in ``up``'s dtype.
     """
-    return _fast_swiglu(gate, up) if enabled() else nn.silu(gate) * up
+    return _fast_swiglu(gate, up) if worthwhile(gate.size) else nn.silu(gate) * up
 
 
 def softmax(x: mx.array, axis: int = -1, keep: mx.array | None = None) -> mx.array:
@@ -209,7 +227,7 @@ def softmax(x: mx.array, axis: int = -1, keep: mx.array | None = None) -> mx.arr
         Probabilities in ``x``'s dtype.
     """
     x32 = x.astype(mx.float32)
-    if not enabled():
+    if not worthwhile(x.size):
         if keep is not None:
             x32 = mx.where(keep, x32, -mx.inf)
         return mx.softmax(x32, axis=axis).astype(x.dtype)

@@ -18,7 +18,10 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 
 
 @pytest.fixture(autouse=True)
-def _restore_fastmath() -> Iterator[None]:
+def _restore_fastmath(monkeypatch) -> Iterator[None]:
+    # The tests use small arrays; take the compiled path for them too, except where a test
+    # restores the threshold to check it.
+    monkeypatch.setattr(fastmath, "MIN_ELEMENTS", 0)
     saved = dict(fastmath._state)
     yield
     fastmath._state.update(saved)
@@ -71,30 +74,42 @@ def test_softmax_with_and_without_a_mask(fast) -> None:
     assert mx.allclose(got.sum(axis=-1), mx.ones((3, 4)), atol=1e-6).item()
 
 
-_SHAPES = [(1, 4, 4, 7, 7), (1, 8, 2, 5, 19), (3, 4, 1, 1, 12), (2, 6, 3, 4, 9)]
-
-
-@pytest.mark.parametrize(
-    ("B", "H", "K", "L", "S", "mask_kind"),
-    [(*shape, kind) for shape in _SHAPES for kind in ("causal", "bool")]
-    + [(*shape, "none") for shape in _SHAPES if shape[3] == 1],  # one query needs no mask
-)
-def test_attend_matches_mlx_attention(fast, B, H, K, L, S, mask_kind) -> None:
-    keys = mx.random.split(mx.random.key(B * 100 + L), 3)
-    q = mx.random.normal((B, H, L, 16), key=keys[0])
+@pytest.mark.parametrize(("B", "H", "K", "S"), [(1, 4, 4, 7), (2, 8, 2, 19), (3, 4, 1, 12)])
+@pytest.mark.parametrize("mask_kind", ["padding", "per-head", "causal", "none"])
+def test_decode_attention_matches_mlx_attention(fast, B, H, K, S, mask_kind) -> None:
+    keys = mx.random.split(mx.random.key(B * 100 + S), 3)
+    q = mx.random.normal((B, H, 1, 16), key=keys[0])
     k = mx.random.normal((B, K, S, 16), key=keys[1])
     v = mx.random.normal((B, K, S, 16), key=keys[2])
-    if mask_kind == "bool":  # left padding per row plus causality, as BatchKVCache builds it
-        pad = mx.array([i % 3 for i in range(B)])
-        cols = mx.arange(S)[None, :]
-        causal = mx.arange(S - L, S)[:, None] >= cols
-        mask = (causal[None] & (cols[None] >= pad[:, None, None]))[:, None]
-    else:
-        mask = "causal" if mask_kind == "causal" else None
+    pad = mx.array([i % 3 for i in range(B)])
+    real = mx.arange(S)[None, :] >= pad[:, None]  # [B, S]: left padding, as BatchKVCache
+    masks = {
+        "padding": real[:, None, None, :],  # [B, 1, 1, S]
+        "per-head": mx.broadcast_to(real[:, None, None, :], (B, H, 1, S)),
+        "causal": "causal",
+        "none": None,
+    }
+    mask = masks[mask_kind]
     got = attend(q, k, v, scale=0.25, mask=mask)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
-    assert got.shape == want.shape
+    assert got.shape == want.shape == (B, H, 1, 16)
     assert mx.allclose(got, want, atol=2e-6).item()
+    # The compiled path really ran: its exp rounds differently from MLX's.
+    assert not mx.array_equal(got, want).item()
+
+
+def test_small_arrays_use_mlx_ops_and_large_ones_do_not(fast, monkeypatch) -> None:
+    monkeypatch.setattr(fastmath, "MIN_ELEMENTS", 4096)
+    small = mx.random.normal((4095,), key=mx.random.key(5))
+    assert mx.array_equal(fastmath.swiglu(small, small), nn.silu(small) * small).item()
+    large = mx.random.normal((4096,), key=mx.random.key(6))
+    # The compiled path rounds differently from MLX's exp somewhere among 4,096 values.
+    assert not mx.array_equal(fastmath.exp(large * 5), mx.exp(large * 5)).item()
+    # Decode attention goes the compiled way only with enough (row, head, key) scores.
+    q = mx.random.normal((1, 2, 1, 8), key=mx.random.key(7))
+    kv = mx.random.normal((1, 2, 10, 8), key=mx.random.key(8))
+    want = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.5, mask=None)
+    assert mx.array_equal(attend(q, kv, kv, scale=0.5, mask=None), want).item()
 
 
 def test_disabled_means_mlx_ops_exactly() -> None:
