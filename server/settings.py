@@ -202,11 +202,11 @@ class Settings(BaseSettings):
         description="on MLX's CPU backend, compute exp, softmax and SiLU with moeserve's "
         "compiled kernels (about 3x faster than MLX's); false: MLX's own ops",
     )
-    mlx_cache_limit_bytes: int = Field(
-        256 * 1024**2,
+    mlx_cache_limit_bytes: int | None = Field(
+        None,
         ge=0,
-        description="freed MLX buffers kept for reuse, in bytes; larger arrays are returned to "
-        "the OS and page-faulted in again on the next step (MLX's CPU default is 32 MiB)",
+        description="bytes of freed MLX buffers kept for reuse (more: fewer page faults on "
+        "large activations, higher RSS); unset: MLX's default (32 MiB on the CPU)",
     )
 
     _file_keys: frozenset[str] = PrivateAttr(default=frozenset())

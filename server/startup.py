@@ -121,7 +121,8 @@ def apply_compute_settings(settings: Settings) -> None:
         settings: The server settings (``cpu_fast_math``, ``mlx_cache_limit_bytes``).
     """
     fastmath.set_enabled(settings.cpu_fast_math)
-    mx.set_cache_limit(settings.mlx_cache_limit_bytes)
+    if settings.mlx_cache_limit_bytes is not None:
+        mx.set_cache_limit(settings.mlx_cache_limit_bytes)
 
 
 def load_served_model(settings: Settings) -> ServedModel:

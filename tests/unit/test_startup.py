@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
@@ -24,6 +25,7 @@ from models.layers import fastmath
 from server import cli
 from server.settings import Settings, cli_flag, env_var
 from server.startup import (
+    apply_compute_settings,
     default_model_id,
     format_bytes,
     format_count,
@@ -177,6 +179,19 @@ def test_summary_line_names_the_cpu_kernels(demo_dir: Path) -> None:
         assert not fastmath.enabled()
         assert ", MLX CPU math;" in summary_line(served, settings)
     finally:
+        fastmath.set_enabled(True)
+
+
+def test_compute_settings_reach_mlx() -> None:
+    before = mx.set_cache_limit(1 << 20)  # read the current limit (and set a known one)
+    try:
+        apply_compute_settings(Settings(mlx_cache_limit_bytes=12_345_678, cpu_fast_math=False))
+        assert mx.set_cache_limit(1 << 20) == 12_345_678
+        assert not fastmath.enabled()
+        apply_compute_settings(Settings())  # unset: MLX's limit stays as it is
+        assert mx.set_cache_limit(1 << 20) == 1 << 20
+    finally:
+        mx.set_cache_limit(before)
         fastmath.set_enabled(True)
 
 
