@@ -121,10 +121,17 @@ def attend(
     """Scaled dot-product attention with grouped-query heads.
 
     On the GPU this is ``mx.fast.scaled_dot_product_attention``. On the CPU that function is
-    a composition of ops whose softmax spends most of its time in ``mx.exp``, so for batched
-    decode steps (one query per row, enough rows for ``fastmath.worthwhile``) the same three
-    steps run here with the compiled exponential: ``Q K^T`` (one batched matmul per KV head,
-    the G query heads that share it stacked as rows), a masked softmax in float32, ``P V``.
+    a composition of ops whose softmax spends most of its time in ``mx.exp``, so when the
+    scores are large enough for ``fastmath.worthwhile`` they are computed here with its
+    compiled exponential, in float32, with the G query heads that share a KV head stacked as
+    the rows of one matmul:
+
+    * one query per row (decode steps): ``Q K^T``, a softmax masked by the boolean mask
+      (left padding), ``P V``;
+    * a causal prefill chunk: ``_causal_blocks``, which never scores the keys a block of
+      queries cannot see and keeps each block's scores in cache.
+
+    Other masks with several queries (not used by moeserve's engine) go to MLX.
 
     Args:
         q: Queries ``[B, H, L, D]``.
@@ -139,19 +146,66 @@ def attend(
     """
     B, H, L, D = q.shape
     K, S = k.shape[1], k.shape[2]
-    # Decode steps only: with many queries per row (prefill) MLX's row-wise fused softmax
-    # keeps the L x S scores in cache, which beats our extra passes over them (measured).
-    # A boolean mask is the one form decode uses (left padding); "causal" is moot at L = 1.
-    plain_mask = mask is None or isinstance(mask, str) or mask.dtype == mx.bool_
-    if L > 1 or not plain_mask or not fastmath.worthwhile(B * H * S):
+    if not fastmath.worthwhile(B * H * L * S):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if L > 1:
+        if isinstance(mask, str) and mask == "causal":
+            return _causal_blocks(q, k, v, scale)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if mask is not None and not isinstance(mask, str) and mask.dtype != mx.bool_:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     G = H // K
     qg = (q * scale).reshape(B, K, G, D)  # query head h = kv_head * G + g
     scores = qg @ k.swapaxes(-1, -2)  # [B, K, G, S]
     keep = None
-    if isinstance(mask, mx.array):  # broadcastable to [B, H, 1, S]
+    if isinstance(mask, mx.array):  # broadcastable to [B, H, 1, S]; "causal" is moot at L = 1
         keep = mask.reshape(mask.shape[0], -1, 1, S)  # [B, 1 or H, 1, S]
         if keep.shape[1] == H:
             keep = keep.reshape(mask.shape[0], K, G, S)
     probs = fastmath.softmax(scores, axis=-1, keep=keep).astype(v.dtype)
     return (probs @ v).reshape(B, H, 1, D)  # [B, K, G, D] -> [B, H, 1, D]
+
+
+# Scores of one query block, all heads together: about 1 MB of float32, so that the block's
+# passes (scores, max, exp, sum, P V) stay in a core's L2 cache. Measured on the bench
+# model (8 heads, 512-token chunks): 2.5-3x MLX's attention at 512-1024 keys, 1.8x at 2,048.
+_BLOCK_SCORES = 1 << 18
+
+
+def _causal_blocks(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Bottom-right-aligned causal attention of L > 1 queries, a block of queries at a time.
+
+    Each block of queries sees only the keys up to its last query, so the keys after the
+    block are never scored. Within the block the causal mask is an additive 0 / -inf bias
+    fused into the scores' matmul (``addmm``); the exponential is ``fastmath``'s; the
+    normalisation divides the ``[rows, D]`` output rather than the ``[rows, S]`` weights.
+
+    Args:
+        q: ``[B, H, L, D]``.
+        k: ``[B, K, S, D]``, S >= L.
+        v: ``[B, K, S, D]``.
+        scale: Score multiplier.
+
+    Returns:
+        ``[B, H, L, D]``.
+    """
+    B, H, L, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    rows = max(16, _BLOCK_SCORES // (B * H * S))
+    block = min(L, 1 << (rows.bit_length() - 1))  # a power of two, for a few distinct shapes
+    qg = (q * scale).reshape(B, K, G, L, D)
+    outs = []
+    for start in range(0, L, block):
+        end = min(L, start + block)
+        n, visible = end - start, S - L + end  # queries in the block, keys they may see
+        qb = qg[:, :, :, start:end].reshape(B, K, G * n, D)
+        positions = mx.arange(S - L + start, S - L + end)[:, None]  # [n, 1]
+        bias = mx.where(positions >= mx.arange(visible)[None], 0.0, -mx.inf)  # [n, visible]
+        bias = mx.broadcast_to(bias[None], (G, n, visible)).reshape(G * n, visible)
+        scores = mx.addmm(bias, qb, k[:, :, :visible].swapaxes(-1, -2)).astype(mx.float32)
+        weights = fastmath.exp(scores, shift=mx.max(scores, axis=-1, keepdims=True))
+        total = mx.sum(weights, axis=-1, keepdims=True)  # [B, K, G*n, 1]
+        out = (weights @ v[:, :, :visible].astype(mx.float32)) / total  # [B, K, G*n, D]
+        outs.append(out.reshape(B, K, G, n, D))
+    return mx.concatenate(outs, axis=3).reshape(B, H, L, D).astype(q.dtype)

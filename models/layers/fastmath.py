@@ -177,16 +177,21 @@ def worthwhile(size: int) -> bool:
     return size >= MIN_ELEMENTS and enabled()
 
 
-def exp(x: mx.array) -> mx.array:
-    """``e^x`` elementwise.
+def exp(x: mx.array, shift: mx.array | None = None) -> mx.array:
+    """``e^(x - shift)`` elementwise.
 
     Args:
         x: Any shape.
+        shift: Subtracted first (broadcast), inside the same kernels; e.g. a row maximum.
 
     Returns:
-        Same shape and dtype.
+        ``x``'s shape and dtype.
     """
-    return _fast_exp(x) if worthwhile(x.size) else mx.exp(x)
+    if not worthwhile(x.size):
+        return mx.exp(x if shift is None else x - shift)
+    if shift is None:
+        return _fast_exp(x)
+    return _exp_tail_c(*_shifted_parts(x, shift), x)
 
 
 def sigmoid(x: mx.array) -> mx.array:

@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from models.layers import fastmath
+from models.layers import attention, fastmath
 from models.layers.attention import attend
 from models.loader import load_model
 
@@ -96,6 +96,31 @@ def test_decode_attention_matches_mlx_attention(fast, B, H, K, S, mask_kind) -> 
     assert mx.allclose(got, want, atol=2e-6).item()
     # The compiled path really ran: its exp rounds differently from MLX's.
     assert not mx.array_equal(got, want).item()
+
+
+@pytest.mark.parametrize(
+    ("B", "H", "K", "L", "S"),
+    [(1, 4, 4, 7, 7), (1, 8, 2, 37, 37), (2, 4, 1, 20, 53), (1, 6, 3, 64, 200)],
+)
+@pytest.mark.parametrize("block_scores", [1 << 18, 256])  # one block; many, ragged last one
+def test_causal_prefill_attention_matches_mlx(
+    fast, monkeypatch, B, H, K, L, S, block_scores
+) -> None:
+    monkeypatch.setattr(attention, "_BLOCK_SCORES", block_scores)
+    keys = mx.random.split(mx.random.key(L * 1000 + S), 3)
+    q = mx.random.normal((B, H, L, 16), key=keys[0])
+    k = mx.random.normal((B, K, S, 16), key=keys[1])
+    v = mx.random.normal((B, K, S, 16), key=keys[2])
+    got = attend(q, k, v, scale=0.25, mask="causal")
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
+    assert got.shape == want.shape and got.dtype == q.dtype
+    assert mx.allclose(got, want, atol=2e-6).item()
+    assert not mx.array_equal(got, want).item()  # the blocked path really ran
+    half = attend(
+        q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), scale=0.25, mask="causal"
+    )
+    assert half.dtype == mx.float16
+    assert mx.allclose(half.astype(mx.float32), want, atol=1e-2).item()
 
 
 def test_small_arrays_use_mlx_ops_and_large_ones_do_not(fast, monkeypatch) -> None:
