@@ -107,7 +107,8 @@ class Attention(nn.Module):
             q, k = getattr(self, n.q_norm)(q), getattr(self, n.k_norm)(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)  # [B, H|K, L, D]
         offset = cache.rope_offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        key = cache.rope_key if cache is not None else 0
+        q, k = self.rope(q, offset, key), self.rope(k, offset, key)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, K, S, D]
         out = attend(q, k, v, scale=self.scale, mask=mask)

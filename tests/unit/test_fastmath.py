@@ -53,7 +53,6 @@ def test_kernels_serve_every_shape_and_dtype(fast, shape) -> None:
     x = mx.random.normal(shape, key=mx.random.key(len(shape))) * 4
     up = mx.random.normal(shape, key=mx.random.key(9))
     assert mx.allclose(fastmath.exp(x), mx.exp(x), rtol=1e-5).item()
-    assert mx.allclose(fastmath.sigmoid(x), mx.sigmoid(x), rtol=1e-5, atol=1e-7).item()
     assert mx.allclose(fastmath.swiglu(x, up), nn.silu(x) * up, rtol=1e-5, atol=1e-6).item()
     for dtype in (mx.float16, mx.bfloat16):
         y = fastmath.swiglu(x.astype(dtype), up.astype(dtype))
@@ -142,7 +141,6 @@ def test_disabled_means_mlx_ops_exactly() -> None:
     assert not fastmath.enabled()
     x = mx.random.normal((4, 9), key=mx.random.key(3)) * 3
     assert mx.array_equal(fastmath.exp(x), mx.exp(x)).item()
-    assert mx.array_equal(fastmath.sigmoid(x), mx.sigmoid(x)).item()
     assert mx.array_equal(fastmath.swiglu(x, x), nn.silu(x) * x).item()
     assert mx.array_equal(fastmath.softmax(x), mx.softmax(x, axis=-1)).item()
     q = mx.random.normal((1, 2, 3, 8), key=mx.random.key(4))

@@ -1,0 +1,183 @@
+"""MLX's CPU transcendentals against ``models.layers.fastmath``, and what that does to prefill.
+
+Three tables, each timed interleaved (every variant once per round, the median of the
+rounds) because the machine is shared:
+
+1. elementwise, on 2M float32 elements: ``mx.exp`` vs ``fastmath.exp``, ``mx.softmax`` vs
+   ``fastmath.softmax``, ``silu(g) * u`` vs ``fastmath.swiglu``;
+2. causal prefill attention of the bench model's shape (8 query heads, 4 KV heads, head dim
+   64) for a 512-token chunk after 0, 512 and 1,536 cached tokens: MLX's
+   ``scaled_dot_product_attention`` vs ``models.layers.attention.attend`` (blocked);
+3. the bench checkpoint end to end: a 512-token prefill chunk, a 2,000-token prompt in
+   512-token chunks, and one decode step at batch 1 and 16 (context ~300), with
+   ``fastmath`` off and on.
+
+Usage: python -m bench.cpu_math [--rounds 5] [--model DIR] [--skip-model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from bench.make_checkpoint import BENCH_SPEC, DEFAULT_DIR
+from models.cache import BatchKVCache
+from models.layers import fastmath
+from models.layers.attention import attend
+from models.loader import load_model
+from server.demo import build_checkpoint
+
+
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median milliseconds per call of each variant, timed round-robin after one warm-up.
+
+    Args:
+        variants: Name -> a function returning what to evaluate.
+        rounds: Timed calls per variant.
+
+    Returns:
+        Name -> median ms.
+    """
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds + 1):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            mx.eval(fn())
+            if r:  # round 0 warms up (and compiles)
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _with_fastmath(on: bool, fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        fastmath.set_enabled(on)
+        return fn()
+
+    return run
+
+
+def elementwise(rounds: int) -> None:
+    """Table 1."""
+    x = mx.random.normal((4, 1024, 512)) * 4
+    up = mx.random.normal(x.shape)
+    mx.eval(x, up)
+    fastmath.set_enabled(True)
+    t = interleaved(
+        {
+            "mx.exp": lambda: mx.exp(x),
+            "fastmath.exp": lambda: fastmath.exp(x),
+            "mx.softmax": lambda: mx.softmax(x, axis=-1),
+            "fastmath.softmax": lambda: fastmath.softmax(x),
+            "silu(g) * u": lambda: nn.silu(x) * up,
+            "fastmath.swiglu": lambda: fastmath.swiglu(x, up),
+        },
+        rounds,
+    )
+    print("\n| op on 2M float32 | MLX ms | fastmath ms | speed-up |\n|---|---|---|---|")
+    for op, mlx_name, fast_name in (
+        ("exp", "mx.exp", "fastmath.exp"),
+        ("softmax (last axis)", "mx.softmax", "fastmath.softmax"),
+        ("SwiGLU", "silu(g) * u", "fastmath.swiglu"),
+    ):
+        a, b = t[mlx_name], t[fast_name]
+        print(f"| {op} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+
+
+def prefill_attention(rounds: int) -> None:
+    """Table 2."""
+    fastmath.set_enabled(True)
+    print("\n| chunk x keys | MLX sdpa ms | blocked ms | speed-up |\n|---|---|---|---|")
+    for cached in (0, 512, 1536):
+        L, S = 512, cached + 512
+        q = mx.random.normal((1, 8, L, 64))
+        k, v = mx.random.normal((1, 4, S, 64)), mx.random.normal((1, 4, S, 64))
+        mx.eval(q, k, v)
+        t = interleaved(
+            {
+                "sdpa": lambda q=q, k=k, v=v: mx.fast.scaled_dot_product_attention(
+                    q, k, v, scale=0.125, mask="causal"
+                ),
+                "blocked": lambda q=q, k=k, v=v: attend(q, k, v, scale=0.125, mask="causal"),
+            },
+            rounds,
+        )
+        ratio = t["sdpa"] / t["blocked"]
+        print(f"| {L} x {S} | {t['sdpa']:.1f} | {t['blocked']:.1f} | {ratio:.2f}x |")
+
+
+def end_to_end(model_dir: Path, rounds: int) -> None:
+    """Table 3."""
+    model, _ = load_model(model_dir, "float32")
+    prompt = mx.random.randint(0, 4000, (1, 2000), key=mx.random.key(0))
+
+    def prefill(n: int) -> mx.array:
+        cache = model.make_cache()
+        for start in range(0, n, 512):
+            out = model(prompt[:, start : min(n, start + 512)], cache=cache)
+            mx.eval(out[:, -1], [c.keys for c in cache])
+        return out[:, -1]
+
+    def batch(rows: int) -> list[BatchKVCache]:
+        per_row = []
+        for r in range(rows):
+            cache = model.make_cache()
+            model(prompt[:, : 300 - 3 * r], cache=cache)
+            mx.eval([c.keys for c in cache])
+            per_row.append(cache)
+        return [BatchKVCache.merge(list(layer)) for layer in zip(*per_row)]
+
+    def decode(caches: list[BatchKVCache]) -> Callable[[], object]:
+        tokens = mx.zeros((caches[0].batch_size, 1), dtype=mx.int32)
+
+        def step() -> mx.array:
+            out = mx.argmax(model(tokens, cache=caches)[:, -1, :], axis=-1)
+            mx.eval(out)
+            for c in caches:  # keep the context length fixed from round to round
+                c.offset -= 1
+            return out
+
+        return step
+
+    work = {
+        "512-token chunk": lambda: prefill(512),
+        "2,000-token prompt": lambda: prefill(2000),
+        "decode step, batch 1": decode(batch(1)),
+        "decode step, batch 16": decode(batch(16)),
+    }
+    variants = {}
+    for name, fn in work.items():
+        variants[f"{name}|off"] = _with_fastmath(False, fn)
+        variants[f"{name}|on"] = _with_fastmath(True, fn)
+    t = interleaved(variants, rounds)
+    fastmath.set_enabled(True)
+    print("\n| bench model | fastmath off ms | on ms | speed-up |\n|---|---|---|---|")
+    for name in work:
+        off, on = t[f"{name}|off"], t[f"{name}|on"]
+        print(f"| {name} | {off:.1f} | {on:.1f} | {off / on:.2f}x |")
+
+
+def main() -> None:
+    """Print the three tables (markdown)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--model", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--skip-model", action="store_true", help="tables 1 and 2 only")
+    args = parser.parse_args()
+    if not fastmath.enabled():
+        raise SystemExit("fastmath is unavailable here (CPU backend with a C++ compiler needed)")
+    elementwise(args.rounds)
+    prefill_attention(args.rounds)
+    if not args.skip_model:
+        if not (args.model / "config.json").exists():
+            build_checkpoint(args.model, BENCH_SPEC)
+        end_to_end(args.model, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
