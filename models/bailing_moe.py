@@ -35,6 +35,7 @@ from models.base import BaseModelArgs, CausalLM, pre_norm_block, run_layers
 from models.layers.attention import Attention, AttentionConfig, AttentionNames
 from models.layers.mlp import GatedMLP
 from models.layers.moe import SwitchGLU, combine_experts, grouped_topk
+from models.layers.norm import RMSNorm
 from models.layers.rope import RopeConfig, rope_config_from
 from models.quantize import QuantOverride
 from models.sanitize import drop_prefixes, rename, stack_experts
@@ -238,8 +239,8 @@ class DecoderLayer(nn.Module):
         self.mlp = (
             SparseMoeBlock(args) if sparse else GatedMLP(M, args.intermediate_size, args.use_bias)
         )
-        self.input_layernorm = nn.RMSNorm(M, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(M, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(M, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(M, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
         """Run the layer.
@@ -270,7 +271,7 @@ class BailingMoeModel(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
         """Map token ids ``[B, L]`` to final hidden states ``[B, L, M]``.

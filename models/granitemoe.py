@@ -40,6 +40,7 @@ import mlx.nn as nn
 from models.base import BaseModelArgs, CausalLM, run_layers
 from models.layers.attention import Attention, AttentionConfig
 from models.layers.moe import LinearRouter, SwitchGLU, combine_experts, topk_softmax
+from models.layers.norm import RMSNorm
 from models.layers.rope import RopeConfig, rope_config_from
 from models.quantize import QuantOverride
 
@@ -153,8 +154,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(attention_config(args))
         self.block_sparse_moe = SparseMoeBlock(args)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.residual_multiplier = args.residual_multiplier
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
@@ -180,7 +181,7 @@ class GraniteMoeModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.embedding_multiplier = args.embedding_multiplier
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:

@@ -29,6 +29,7 @@ from models.base import BaseModelArgs, CausalLM, pre_norm_block, run_layers
 from models.layers.attention import Attention, AttentionConfig
 from models.layers.mlp import GatedMLP
 from models.layers.moe import SwitchGLU, combine_experts, softmax_topk
+from models.layers.norm import RMSNorm
 from models.layers.rope import RopeConfig, rope_config_from
 from models.quantize import QuantOverride
 from models.sanitize import drop_prefixes, stack_experts
@@ -181,8 +182,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(_attention_config(args))
         sparse = args.is_sparse(layer)
         self.mlp = SparseMoeBlock(args) if sparse else GatedMLP(M, args.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(M, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(M, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(M, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(M, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
         """Run the layer.
@@ -213,7 +214,7 @@ class Qwen2MoeModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
         """Map token ids ``[B, L]`` to final hidden states ``[B, L, M]``.

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from models.layers import fastmath
+from models.layers.norm import RMSNorm
 from models.layers.rope import RoPE, RopeConfig
 
 
@@ -68,8 +69,8 @@ class Attention(nn.Module):
             setattr(self, n.v, nn.Linear(M, K * D, bias=cfg.qkv_bias))
         setattr(self, n.o, nn.Linear(H * D, M, bias=cfg.o_bias))
         if cfg.qk_norm_eps is not None:
-            setattr(self, n.q_norm, nn.RMSNorm(D, eps=cfg.qk_norm_eps))
-            setattr(self, n.k_norm, nn.RMSNorm(D, eps=cfg.qk_norm_eps))
+            setattr(self, n.q_norm, RMSNorm(D, eps=cfg.qk_norm_eps))
+            setattr(self, n.k_norm, RMSNorm(D, eps=cfg.qk_norm_eps))
         self.rope = RoPE(D, cfg.rope)
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
