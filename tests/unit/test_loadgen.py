@@ -123,7 +123,9 @@ def test_counts_latencies_and_calibration(base_url: str) -> None:
     assert report["duration"] >= 2 * (TTFT + (CHUNKS - 1) * GAP)
     assert report["output_throughput"] == pytest.approx(8 * CHUNKS / report["duration"])
     assert report["request_throughput"] == pytest.approx(8 / report["duration"])
-    assert TTFT * 1000 <= report["median_ttft_ms"] <= TTFT * 1000 + 150
+    # At least the server's delay, and well before the last chunk (a TTFT taken at the end of
+    # the stream would be >= TTFT + (CHUNKS - 1) * GAP); the slack absorbs a busy machine.
+    assert TTFT * 1000 <= report["median_ttft_ms"] < (TTFT + (CHUNKS - 1) * GAP) * 1000
     assert report["median_ttft_ms"] <= report["p99_ttft_ms"]
     assert 0.9 * GAP * 1000 <= report["median_itl_ms"] <= GAP * 1000 + 40
     assert 0.9 * GAP * 1000 <= report["mean_tpot_ms"] <= GAP * 1000 + 40
