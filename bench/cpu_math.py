@@ -1,6 +1,6 @@
-"""MLX's CPU transcendentals against ``models.layers.fastmath``, and what that does to prefill.
+"""MLX's CPU transcendentals against ``models.layers.fastmath``, and what that does to the model.
 
-Three tables, each timed interleaved (every variant once per round, the median of the
+Four tables; the timed ones are interleaved (every variant once per round, the median of the
 rounds) because the machine is shared:
 
 1. elementwise, on 2M float32 elements: ``mx.exp`` vs ``fastmath.exp``, ``mx.softmax`` vs
@@ -10,16 +10,21 @@ rounds) because the machine is shared:
    ``scaled_dot_product_attention`` vs ``models.layers.attention.attend`` (blocked);
 3. the bench checkpoint end to end: a 512-token prefill chunk, a 2,000-token prompt in
    512-token chunks, and one decode step at batch 1 and 16 (context ~300), with
-   ``fastmath`` off and on.
+   ``fastmath`` off and on;
+4. how many MLX graph ops one batch-1 decode step evaluates (``mx.export_to_dot``): on the
+   CPU backend each costs ~10 us of dispatch, which is what paces a single stream.
 
-Usage: python -m bench.cpu_math [--rounds 5] [--model DIR] [--skip-model]
+Usage: python -m bench.cpu_math [--rounds 5] [--model DIR] [--skip-model (tables 1-2 only)]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -162,8 +167,24 @@ def end_to_end(model_dir: Path, rounds: int) -> None:
         print(f"| {name} | {off:.1f} | {on:.1f} | {off / on:.2f}x |")
 
 
+def count_ops(model_dir: Path) -> None:
+    """Table 4."""
+    model, _ = load_model(model_dir, "float32")
+    cache = model.make_cache()
+    model(mx.random.randint(0, 4000, (1, 300), key=mx.random.key(1)), cache=cache)
+    mx.eval([c.keys for c in cache])
+    batch = [BatchKVCache.merge([c]) for c in cache]
+    out = mx.argmax(model(mx.zeros((1, 1), dtype=mx.int32), cache=batch)[:, -1, :], axis=-1)
+    with tempfile.TemporaryDirectory() as tmp:
+        dot = Path(tmp) / "step.dot"
+        mx.export_to_dot(str(dot), out)
+        ops = re.findall(r'label ="([A-Za-z]+)', dot.read_text())
+    common = ", ".join(f"{name} {n}" for name, n in Counter(ops).most_common(6))
+    print(f"\nOne batch-1 decode step: {len(ops)} graph ops ({common}, ...)")
+
+
 def main() -> None:
-    """Print the three tables (markdown)."""
+    """Print the four tables (markdown)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", type=Path, default=DEFAULT_DIR)
@@ -177,6 +198,7 @@ def main() -> None:
         if not (args.model / "config.json").exists():
             build_checkpoint(args.model, BENCH_SPEC)
         end_to_end(args.model, args.rounds)
+        count_ops(args.model)
 
 
 if __name__ == "__main__":
