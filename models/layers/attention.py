@@ -170,7 +170,7 @@ def attend(
 
 # Scores of one query block, all heads together: about 1 MB of float32, so that the block's
 # passes (scores, max, exp, sum, P V) stay in a core's L2 cache. Measured on the bench
-# model (8 heads, 512-token chunks): 2.5-3x MLX's attention at 512-1024 keys, 1.8x at 2,048.
+# model (8 heads, 512-token chunks): 2.2-3x MLX's attention at 512-1024 keys, 1.4-1.8x at 2,048.
 _BLOCK_SCORES = 1 << 18
 
 

@@ -4,7 +4,7 @@ Why this exists: on MLX's CPU backend ``mx.exp`` (and so ``softmax``, ``sigmoid`
 and the CPU fallback of ``scaled_dot_product_attention``) costs 12-17 ns per element on the
 x86-64 machines we measured, 40x a multiply. In a prefill chunk of 512 tokens the attention
 softmax and the SwiGLU activations were over half of the forward pass
-(``bench/RESULTS.md``, "transcendentals"). The exponential here is the textbook one:
+(``bench/RESULTS.md``, section 6). The exponential here is the textbook one:
 
 1. range reduction: ``n = round(x / ln 2)``, ``r = x - n ln 2`` with ln 2 split into a high
    and a low part (Cody & Waite) so that ``r`` keeps full precision; ``|r| <= ln(2) / 2``;
