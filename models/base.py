@@ -119,6 +119,10 @@ def attention_mask(length: int, cache: Any | None) -> mx.array | str | None:
         ``[batch, heads, length, cached + length]``.
     """
     if cache is not None and hasattr(cache, "make_mask"):
+        if length == 1 and not any(cache.left_padding):
+            # One new token per row and no padding (e.g. a lone stream): it sees every cached
+            # position, and skipping the mask saves its construction and a select per layer.
+            return None
         return cache.make_mask(length)
     return "causal" if length > 1 else None
 
