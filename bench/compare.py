@@ -54,10 +54,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.make_checkpoint import BENCH_SPEC, DEFAULT_DIR
+from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.serverproc import ServerProcess, free_port, moeserve_command
 from models.blas import blas_in_use
-from server.demo import build_checkpoint
 from server.loadgen import run_load
 
 MLX_LM_MODEL = "default_model"  # mlx_lm.server's name for the model given by --model
@@ -346,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = parse_args(argv)
     MLX_LM_BLAS["mode"] = args.mlx_lm_blas
-    if not (args.model / "config.json").exists():
-        build_checkpoint(args.model, BENCH_SPEC)
+    ensure_checkpoint(args.model)
     check_serve_command()
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="moeserve-compare-"))
     log_dir.mkdir(parents=True, exist_ok=True)

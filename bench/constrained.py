@@ -17,9 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.make_checkpoint import BENCH_SPEC, DEFAULT_DIR
+from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from models import load
-from server.demo import build_checkpoint
 from server.engine.engine import Engine
 from server.engine.events import ErrorEvent, FinishEvent, GenerationRequest
 from server.engine.grammar import Constraint
@@ -98,8 +97,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if not (args.model / "config.json").exists():
-        build_checkpoint(args.model, BENCH_SPEC)
+    ensure_checkpoint(args.model)
     loaded = load(args.model)
     tokenizer = Tokenizer.from_dir(loaded.path)
     engine = Engine(loaded.model, tokenizer, SchedulerConfig(max_running=64, max_model_len=8192))

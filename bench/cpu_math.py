@@ -31,12 +31,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from bench.make_checkpoint import BENCH_SPEC, DEFAULT_DIR
+from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from models.cache import BatchKVCache
 from models.layers import fastmath
 from models.layers.attention import attend
 from models.loader import load_model
-from server.demo import build_checkpoint
 
 
 def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -195,8 +194,7 @@ def main() -> None:
     elementwise(args.rounds)
     prefill_attention(args.rounds)
     if not args.skip_model:
-        if not (args.model / "config.json").exists():
-            build_checkpoint(args.model, BENCH_SPEC)
+        ensure_checkpoint(args.model)
         end_to_end(args.model, args.rounds)
         count_ops(args.model)
 

@@ -16,9 +16,8 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.make_checkpoint import BENCH_SPEC, DEFAULT_DIR
+from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from models import load
-from server.demo import build_checkpoint
 from server.engine.engine import Engine
 from server.engine.events import FinishEvent, GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -75,8 +74,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if not (args.model / "config.json").exists():
-        build_checkpoint(args.model, BENCH_SPEC)
+    ensure_checkpoint(args.model)
     loaded = load(args.model)
     tokenizer = Tokenizer.from_dir(loaded.path)
     engine = Engine(loaded.model, tokenizer, SchedulerConfig(max_running=64, max_model_len=8192))

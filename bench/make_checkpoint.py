@@ -54,6 +54,20 @@ BENCH_SPEC = CheckpointSpec(
 DEFAULT_DIR = Path(__file__).parent / "checkpoints" / "qwen2_moe"
 
 
+def ensure_checkpoint(path: Path = DEFAULT_DIR) -> Path:
+    """Build the bench checkpoint at ``path`` unless a model is already there.
+
+    Args:
+        path: Model directory.
+
+    Returns:
+        ``path``.
+    """
+    if not (path / "config.json").exists():
+        build_checkpoint(path, BENCH_SPEC)
+    return path
+
+
 def main() -> None:
     """Build the checkpoint at the given (or default) directory."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.make_checkpoint import BENCH_SPEC, DEFAULT_DIR
+from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.serverproc import ServerProcess, free_port, moeserve_command
-from server.demo import build_checkpoint
 
 REPLY_TOKENS = 16
 
@@ -145,8 +144,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if not (args.model / "config.json").exists():
-        build_checkpoint(args.model, BENCH_SPEC)
+    ensure_checkpoint(args.model)
     logs = Path(tempfile.mkdtemp(prefix="moeserve-bench-"))
     results: dict = {}
     for label, flags in (("cache", ()), ("no_cache", ("--no-prompt-cache",))):
