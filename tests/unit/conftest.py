@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from models.layers import fastmath
 from server.tokenizer import Tokenizer
 from server.tokenizer_build import (
     DEFAULT_CORPUS,
@@ -62,3 +64,11 @@ def multibyte_bpe_tokenizer(multibyte_bpe_dir: Path) -> Tokenizer:
 @pytest.fixture(scope="session", params=["bpe", "sp", "multibyte_bpe"])
 def any_tokenizer(request: pytest.FixtureRequest) -> Tokenizer:
     return request.getfixturevalue(f"{request.param}_tokenizer")
+
+
+@pytest.fixture
+def fastmath_state() -> Iterator[None]:
+    """Put ``models.layers.fastmath``'s process-wide switch back as it was after the test."""
+    saved = dict(fastmath._state)
+    yield
+    fastmath._state.update(saved)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,13 +17,10 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 
 
 @pytest.fixture(autouse=True)
-def _restore_fastmath(monkeypatch) -> Iterator[None]:
+def _small_arrays_too(monkeypatch, fastmath_state) -> None:
     # The tests use small arrays; take the compiled path for them too, except where a test
     # restores the threshold to check it.
     monkeypatch.setattr(fastmath, "MIN_ELEMENTS", 0)
-    saved = dict(fastmath._state)
-    yield
-    fastmath._state.update(saved)
 
 
 @pytest.fixture

@@ -172,17 +172,14 @@ def test_summary_line(demo_dir: Path) -> None:
     assert line.endswith("at http://127.0.0.1:8000/v1")
 
 
-def test_summary_line_names_the_cpu_kernels(demo_dir: Path) -> None:
+def test_summary_line_names_the_cpu_kernels(demo_dir: Path, fastmath_state) -> None:
     settings = Settings(cpu_fast_math=False)
-    try:
-        served = load_served_model(settings)
-        assert not fastmath.enabled()
-        assert ", MLX CPU math;" in summary_line(served, settings)
-    finally:
-        fastmath.set_enabled(True)
+    served = load_served_model(settings)
+    assert not fastmath.enabled()
+    assert ", MLX CPU math;" in summary_line(served, settings)
 
 
-def test_compute_settings_reach_mlx() -> None:
+def test_compute_settings_reach_mlx(fastmath_state) -> None:
     before = mx.set_cache_limit(1 << 20)  # read the current limit (and set a known one)
     try:
         apply_compute_settings(Settings(mlx_cache_limit_bytes=12_345_678, cpu_fast_math=False))
@@ -192,7 +189,6 @@ def test_compute_settings_reach_mlx() -> None:
         assert mx.set_cache_limit(1 << 20) == 1 << 20
     finally:
         mx.set_cache_limit(before)
-        fastmath.set_enabled(True)
 
 
 def test_formatting_helpers() -> None:
