@@ -7,16 +7,27 @@ the dynamic linker bind MLX's ``cblas_*`` calls to it: the same effect as ``LD_P
 without asking the user to set it. After ``mlx.core`` is imported it is too late, so this
 runs first thing in ``models/__init__.py``.
 
+With OpenBLAS, matrix-vector products (one-row matmuls: every single-stream decode step)
+also go through a small C shim, ``gemv_forward.c``, that sends them to ``cblas_sgemv``:
+OpenBLAS before 0.3.27 runs them as general products, packing each weight matrix first, and
+is 2-5x slower than its own sgemv on them. The shim is compiled once with the system C
+compiler into moeserve's cache directory; without a compiler the BLAS is used as it is.
+
 macOS uses Accelerate and Metal and is left alone. ``MOESERVE_BLAS`` selects: ``auto``
 (default: the first library found), ``none`` (keep the bundled one), or a library path.
+``MOESERVE_BLAS_GEMV=0`` turns the shim off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Searched in order; Debian/Ubuntu put the pthread OpenBLAS behind the first path.
@@ -40,6 +51,100 @@ def _find() -> str | None:
     return ctypes.util.find_library("openblas")
 
 
+_SHIM_SOURCE = Path(__file__).with_name("gemv_forward.c")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "moeserve"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        found = shutil.which(name) if name else None
+        if found:
+            return found
+    return None
+
+
+def _build_shim() -> Path | None:
+    """Compile ``gemv_forward.c`` once per source and compiler; None if that is not possible."""
+    compiler = _compiler()
+    if compiler is None or not _SHIM_SOURCE.exists():
+        return None
+    tag = hashlib.sha256(_SHIM_SOURCE.read_bytes() + compiler.encode()).hexdigest()[:16]
+    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "moeserve"):
+        target = directory / f"gemv_forward-{tag}.so"
+        if target.exists():
+            return target
+        partial: Path | None = None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            # Build under a private name and rename, so that servers starting together never
+            # load a half-written library.
+            fd, name = tempfile.mkstemp(suffix=".so", dir=directory)
+            os.close(fd)
+            partial = Path(name)
+            command = [compiler, "-O2", "-shared", "-fPIC", "-o", name, str(_SHIM_SOURCE)]
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
+            os.replace(partial, target)
+            return target
+        except (OSError, subprocess.SubprocessError):
+            if partial is not None:
+                partial.unlink(missing_ok=True)
+    return None
+
+
+def _load(path: str) -> str:
+    """Load the BLAS at ``path`` globally, behind the gemv shim when it can be built.
+
+    Args:
+        path: The optimized BLAS library.
+
+    Returns:
+        The description for the startup line.
+    """
+    local = ctypes.CDLL(path)  # not global yet: first check it is a CBLAS with both routines
+    wanted = os.environ.get("MOESERVE_BLAS_GEMV", "1") != "0"
+    shim_path = _build_shim() if wanted and _has(local, "cblas_sgemm", "cblas_sgemv") else None
+    if shim_path is not None:
+        # Into the global scope before the BLAS, so that MLX's cblas_sgemm binds to the shim.
+        shim = ctypes.CDLL(str(shim_path), mode=os.RTLD_GLOBAL)
+        shim.moeserve_blas_bind(
+            ctypes.cast(local.cblas_sgemm, ctypes.c_void_p),
+            ctypes.cast(local.cblas_sgemv, ctypes.c_void_p),
+        )
+        _state["shim"] = str(shim_path)
+    ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+    return f"{path} (matrix-vector products through sgemv)" if shim_path else path
+
+
+def _has(lib: ctypes.CDLL, *names: str) -> bool:
+    return all(hasattr(lib, name) for name in names)
+
+
+def gemv_forwarding() -> bool:
+    """Whether one-row float32 products go to ``sgemv`` through the shim.
+
+    Returns:
+        True when the shim is loaded and bound.
+    """
+    return "shim" in _state
+
+
+def forwarded_calls() -> int | None:
+    """How many products the gemv shim has sent to sgemv, or None when it is not loaded.
+
+    Returns:
+        The count since the process started.
+    """
+    if "shim" not in _state:
+        return None
+    counter = ctypes.CDLL(_state["shim"]).moeserve_blas_forwarded
+    counter.restype = ctypes.c_long
+    return counter()
+
+
 def preload() -> str:
     """Load an optimized BLAS globally if the platform, the setting and the timing allow.
 
@@ -60,8 +165,7 @@ def preload() -> str:
         try:
             if path is None:
                 raise OSError("no optimized BLAS found")
-            ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
-            _state["blas"] = path
+            _state["blas"] = _load(path)
         except OSError:
             _state["blas"] = _REFERENCE
     return _state["blas"]

@@ -24,6 +24,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from models.blas import gemv_forwarding
 from models.layers.fastmath import swiglu
 
 
@@ -306,25 +307,36 @@ class QuantizedSwitchLinear(nn.Module):
 _SORT_THRESHOLD = 64
 
 # How routed experts run on the CPU backend, by number of tokens T. Measured with
-# bench/moe_dispatch.py (2-core x86-64, OpenBLAS, 16 experts 512->256, top-4; ms per call):
+# bench/moe_dispatch.py (2-core x86-64, OpenBLAS, 16 experts 512->256, top-4; ms per call).
+# MLX's CPU gather_mm is one 1-row matmul per (token, expert) pair, so its speed depends on
+# how the BLAS runs 1-row products. With the gemv shim of models/blas.py they stream each
+# weight once and gather wins up to ~100 tokens (pairs are sorted by expert from T = 16 on,
+# so consecutive products reuse one expert's weights from cache):
+#      T    gather   dense   grouped
+#      1      0.2     1.4      0.6
+#      4      0.6     3.3      2.3
+#     16      1.9     3.2      4.8
+#     64      4.9    11.9      8.7
+#     96      7.3    17.9      9.2
+#    128     11.1    26.2     11.0
+#    512     53.2    87.5     18.3
+# Without the shim (another BLAS, no C compiler), 1-row products pack the whole weight first
+# and gather only wins at a few tokens:
 #      T    gather   dense   grouped
 #      1      0.4     2.9      0.9
-#      2      1.3     3.0      2.1
 #      4      3.0     3.2      2.8
-#      8      5.5     3.7      5.9
 #     16      8.6     5.0      5.8
 #     32     13.5     6.9      6.7
-#    128     46.1    21.8     10.9
 #    512    185.9    86.9     24.8
-#  * T <= CPU_GATHER_MAX_TOKENS: gather_mm: a few tokens touch only their A experts each,
-#    while the dense path would read all E experts' weights (memory-bound at small T).
-#  * T <= CPU_DENSE_MAX_TOKENS: every expert on every token as E batched matmuls, then keep
-#    the A selected outputs: E/A times the FLOPs but BLAS-efficient and free of host syncs.
-#  * larger T (prefill chunks, big decode batches): group the (token, expert) pairs by expert
-#    and run one contiguous matmul per expert. It needs the per-expert counts on the host, one
-#    sync per layer, which pays for itself from about 24 tokens on (7x gather at T=512).
+#  * gather: gather_mm; a few tokens touch only their A experts each.
+#  * dense: every expert on every token as E batched matmuls, then keep the A selected
+#    outputs: E/A times the FLOPs but BLAS-efficient and free of host syncs.
+#  * grouped (prefill chunks, big batches): group the (token, expert) pairs by expert and
+#    run one contiguous matmul per expert. It needs the per-expert counts on the host, one
+#    sync per layer, which pays for itself once each expert gets several rows.
 # Quantized experts and the Metal backend always use gather_mm / gather_qmm, which are the
 # right kernels there.
+CPU_GEMV_GATHER_MAX_TOKENS = 96
 CPU_GATHER_MAX_TOKENS = 4
 CPU_DENSE_MAX_TOKENS = 24
 
@@ -343,8 +355,11 @@ def dispatch_strategy(tokens: int, quantized: bool, dtype: mx.Dtype = mx.float32
     """
     if quantized or mx.default_device().type != mx.DeviceType.cpu:
         return "gather"
-    if tokens <= CPU_GATHER_MAX_TOKENS and dtype == mx.float32:
-        return "gather"
+    if dtype == mx.float32:
+        if gemv_forwarding():
+            return "gather" if tokens <= CPU_GEMV_GATHER_MAX_TOKENS else "grouped"
+        if tokens <= CPU_GATHER_MAX_TOKENS:
+            return "gather"
     return "dense" if tokens <= CPU_DENSE_MAX_TOKENS else "grouped"
 
 

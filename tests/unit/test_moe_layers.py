@@ -46,7 +46,8 @@ def test_dispatch_paths_agree_with_definition(monkeypatch, tokens, strategy, bia
     assert mx.allclose(out, _reference_glu(layer, x, inds), atol=1e-4).item()
 
 
-def test_cpu_dispatch_policy() -> None:
+def test_cpu_dispatch_policy(monkeypatch) -> None:
+    monkeypatch.setattr(moe, "gemv_forwarding", lambda: False)
     assert moe.dispatch_strategy(1, quantized=False) == "gather"
     assert moe.dispatch_strategy(moe.CPU_GATHER_MAX_TOKENS, quantized=False) == "gather"
     assert moe.dispatch_strategy(moe.CPU_GATHER_MAX_TOKENS + 1, quantized=False) == "dense"
@@ -56,6 +57,16 @@ def test_cpu_dispatch_policy() -> None:
     # MLX's CPU gather_mm is float32-only: half precision takes the dense path instead.
     assert moe.dispatch_strategy(1, quantized=False, dtype=mx.float16) == "dense"
     assert moe.dispatch_strategy(1, quantized=False, dtype=mx.bfloat16) == "dense"
+
+
+def test_cpu_dispatch_policy_with_gemv_forwarding(monkeypatch) -> None:
+    # 1-row products at sgemv speed make gather_mm the fastest up to ~100 tokens.
+    monkeypatch.setattr(moe, "gemv_forwarding", lambda: True)
+    assert moe.dispatch_strategy(16, quantized=False) == "gather"
+    assert moe.dispatch_strategy(moe.CPU_GEMV_GATHER_MAX_TOKENS, quantized=False) == "gather"
+    assert moe.dispatch_strategy(moe.CPU_GEMV_GATHER_MAX_TOKENS + 1, quantized=False) == "grouped"
+    assert moe.dispatch_strategy(1, quantized=False, dtype=mx.float16) == "dense"
+    assert moe.dispatch_strategy(512, quantized=False, dtype=mx.float16) == "grouped"
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])

@@ -1,0 +1,70 @@
+/* cblas_sgemm that sends matrix-vector products to cblas_sgemv (built by models/blas.py).
+ *
+ * MLX's CPU backend does every float32 product with cblas_sgemm, including the 1-row ones of
+ * single-stream decoding (x @ W.T with x of shape [1, K]). OpenBLAS before 0.3.27 (Debian 12
+ * ships 0.3.21) runs such a call as a general matrix product: it packs the weight matrix
+ * before using it, so every weight is read about three times. Its sgemv reads each weight
+ * once and is 2-5x faster on the same call (bench/RESULTS.md). Newer OpenBLAS builds do this
+ * forwarding themselves (GEMM_GEMV_FORWARD); it is harmless on top of them.
+ *
+ * Loaded into the global symbol scope ahead of the BLAS, this definition of cblas_sgemm is
+ * the one MLX binds to. models/blas.py hands it the BLAS's own sgemm and sgemv through
+ * moeserve_blas_bind before MLX is imported. Only row-major calls with one row (M == 1) or
+ * one column (N == 1) and K > 0 are rerouted; every other call goes to the BLAS unchanged.
+ */
+#include <stddef.h>
+
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
+                         const float *, int, float, float *, int);
+typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int,
+                         float, float *, int);
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
+static sgemm_fn blas_sgemm;
+static sgemv_fn blas_sgemv;
+static long forwarded;
+
+void moeserve_blas_bind(void *sgemm, void *sgemv) {
+  blas_sgemm = (sgemm_fn)sgemm;
+  blas_sgemv = (sgemv_fn)sgemv;
+}
+
+/* How many calls went to sgemv (tests read it to know the forwarding is live). */
+long moeserve_blas_forwarded(void) { return forwarded; }
+
+/* With beta == 0 BLAS must ignore what C holds, but sgemv computes beta * y, and MLX hands
+ * over uninitialised (possibly NaN) output buffers: clear them first. */
+static void clear(float *y, int n, int inc) {
+  for (int i = 0; i < n; i++) y[(size_t)i * inc] = 0.0f;
+}
+
+void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                 int ldc) {
+  if (order == ROW_MAJOR && K > 0 && blas_sgemv != NULL) {
+    if (M == 1) {
+      /* C[1, N] = alpha * a[K] . op(B)[K, N]: a matrix-vector product with op(B)^T. */
+      int inc_a = trans_a == NO_TRANS ? 1 : lda; /* a transposed 1-row A is a column */
+      if (beta == 0.0f) clear(C, N, 1);
+      if (trans_b == NO_TRANS) /* B is [K, N] */
+        blas_sgemv(ROW_MAJOR, TRANS, K, N, alpha, B, ldb, A, inc_a, beta, C, 1);
+      else /* B is stored [N, K] */
+        blas_sgemv(ROW_MAJOR, NO_TRANS, N, K, alpha, B, ldb, A, inc_a, beta, C, 1);
+      __atomic_fetch_add(&forwarded, 1, __ATOMIC_RELAXED);
+      return;
+    }
+    if (N == 1) {
+      /* C[M, 1] = alpha * op(A)[M, K] . b[K]; C's column has stride ldc. */
+      int inc_b = trans_b == NO_TRANS ? ldb : 1;
+      if (beta == 0.0f) clear(C, M, ldc);
+      if (trans_a == NO_TRANS) /* A is [M, K] */
+        blas_sgemv(ROW_MAJOR, NO_TRANS, M, K, alpha, A, lda, B, inc_b, beta, C, ldc);
+      else /* A is stored [K, M] */
+        blas_sgemv(ROW_MAJOR, TRANS, K, M, alpha, A, lda, B, inc_b, beta, C, ldc);
+      __atomic_fetch_add(&forwarded, 1, __ATOMIC_RELAXED);
+      return;
+    }
+  }
+  blas_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
