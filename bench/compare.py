@@ -24,6 +24,8 @@ Fairness, and what is not equal:
 * **Same BLAS.** moeserve loads an optimized BLAS itself when one is installed (``MOESERVE_BLAS``,
   ``models/blas.py``). mlx_lm.server would keep MLX's bundled reference BLAS, so it is started
   with ``LD_PRELOAD=<the library models.blas chose>`` when that is a file: like with like.
+  moeserve's gemv shim (``models/gemv_forward.c``, one-row products through ``sgemv``) is
+  moeserve's own code and is not given to mlx_lm.server.
 * **Output length.** Requests carry ``ignore_eos``/``min_tokens``, which mlx_lm.server ignores:
   there a response may stop early at EOS. Token counts come from ``usage`` either way, so
   tok/s stays honest; compare ``total_output_tokens`` to see whether it happened.
@@ -56,7 +58,7 @@ from typing import Any
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.serverproc import ServerProcess, free_port, moeserve_command
-from models.blas import blas_in_use
+from models.blas import blas_path
 from server.loadgen import run_load
 
 MLX_LM_MODEL = "default_model"  # mlx_lm.server's name for the model given by --model
@@ -98,8 +100,7 @@ def blas_library() -> str | None:
     Returns:
         A library path, or None when moeserve keeps MLX's bundled BLAS.
     """
-    chosen = blas_in_use()  # a path when models.blas loaded one, else a description
-    return chosen if Path(chosen).is_file() else None
+    return blas_path()
 
 
 def check_serve_command() -> None:

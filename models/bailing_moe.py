@@ -305,17 +305,22 @@ class Model(CausalLM):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False
+    ) -> mx.array:
         """Compute next-token logits.
 
         Args:
             inputs: Token ids, int32 ``[B, L]``.
             cache: One KV cache per layer (from ``make_cache``), or None.
+            last_only: Logits for the last position only (``L`` = 1 in the result).
 
         Returns:
-            Logits ``[B, L, V]``.
+            Logits ``[B, L, V]`` (``[B, 1, V]`` with ``last_only``).
         """
         h = self.model(inputs, cache)  # [B, L, M]
+        if last_only:  # prefill samples one position: skip the head's V x M work for the rest
+            h = h[:, -1:]
         if self.args.tie_word_embeddings:
             return self.model.word_embeddings.as_linear(h)
         return self.lm_head(h)

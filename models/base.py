@@ -62,18 +62,22 @@ class LanguageModel(Protocol):
 
     ``model(tokens, cache)`` maps int32 tokens ``[batch, length]`` to logits
     ``[batch, length, vocab]``; ``cache`` is a list with one KV cache per layer, as returned
-    by ``make_cache()``, or ``None`` for a stateless forward pass.
+    by ``make_cache()``, or ``None`` for a stateless forward pass. ``last_only=True`` asks for
+    the last position's logits alone (what a prefill samples from).
     """
 
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False
+    ) -> mx.array:
         """Run a forward pass.
 
         Args:
             inputs: Token ids, int32 ``[batch, length]``.
             cache: One KV cache per layer, or ``None``.
+            last_only: Compute logits for the last position only.
 
         Returns:
-            Logits ``[batch, length, vocab]``.
+            Logits ``[batch, length, vocab]`` (``[batch, 1, vocab]`` with ``last_only``).
         """
         ...
 

@@ -123,6 +123,16 @@ def _has(lib: ctypes.CDLL, *names: str) -> bool:
     return all(hasattr(lib, name) for name in names)
 
 
+def blas_path() -> str | None:
+    """The optimized BLAS library loaded in MLX's place, if any.
+
+    Returns:
+        Its path, or None when MLX keeps its bundled BLAS (or on macOS).
+    """
+    preload()
+    return _state.get("path")
+
+
 def gemv_forwarding() -> bool:
     """Whether one-row float32 products go to ``sgemv`` through the shim.
 
@@ -166,6 +176,7 @@ def preload() -> str:
             if path is None:
                 raise OSError("no optimized BLAS found")
             _state["blas"] = _load(path)
+            _state["path"] = path
         except OSError:
             _state["blas"] = _REFERENCE
     return _state["blas"]

@@ -249,17 +249,23 @@ class Model(CausalLM):
         self.transformer = DBRX(args)
         self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)  # never tied
 
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False
+    ) -> mx.array:
         """Logits for every position.
 
         Args:
             inputs: Token ids, int32 ``[B, L]``.
             cache: One KV cache per block (from ``make_cache``), or ``None``.
+            last_only: Logits for the last position only (``L`` = 1 in the result).
 
         Returns:
-            Logits ``[B, L, V]``.
+            Logits ``[B, L, V]`` (``[B, 1, V]`` with ``last_only``).
         """
-        return self.lm_head(self.transformer(inputs, cache))
+        h = self.transformer(inputs, cache)  # [B, L, M]
+        if last_only:  # prefill samples one position: skip the head's V x M work for the rest
+            h = h[:, -1:]
+        return self.lm_head(h)
 
     @property
     def layers(self) -> list[DecoderLayer]:

@@ -109,7 +109,7 @@ class Runner:
             seq_id = chunk.seq.seq_id
             cache = self._prefill.setdefault(seq_id, self.model.make_cache())
             tokens = mx.array([chunk.seq.prompt_ids[chunk.start : chunk.end]], dtype=mx.int32)
-            out = self.model(tokens, cache=cache)  # [1, L, V]
+            out = self.model(tokens, cache=cache, last_only=chunk.is_last)  # [1, L or 1, V]
             if chunk.is_last:
                 logits.append(out[:, -1, :])
                 order.append(seq_id)

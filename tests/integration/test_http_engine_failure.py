@@ -38,11 +38,11 @@ class FailingModel:
     def __init__(self, model: Any, fail_at: int) -> None:
         self.model, self.fail_at, self.calls = model, fail_at, 0
 
-    def __call__(self, tokens: Any, cache: Any = None) -> Any:
+    def __call__(self, tokens: Any, cache: Any = None, last_only: bool = False) -> Any:
         self.calls += 1
         if self.calls >= self.fail_at:
             raise RuntimeError("simulated device fault")
-        return self.model(tokens, cache=cache)
+        return self.model(tokens, cache=cache, last_only=last_only)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)  # make_cache, layers, ...

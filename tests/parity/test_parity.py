@@ -100,3 +100,17 @@ def test_incremental_decode_matches_full_forward(variant: str) -> None:
     for t in range(4, ids.shape[1]):
         steps.append(model(ids[:, t : t + 1], cache=cache))
     assert _max_diff(mx.concatenate(steps, axis=1), full) < ATOL
+
+
+@pytest.mark.parametrize("variant", variants("hf"))
+def test_last_only_logits_are_the_last_row(variant: str) -> None:
+    # What the runner asks for when a prefill chunk finishes a prompt.
+    model, _ = load_model(FIXTURES / variant / "hf", dtype="float32")
+    ids = _golden(variant)["input_ids"]
+    full = model(ids)
+    last = model(ids, last_only=True)
+    assert last.shape == (full.shape[0], 1, full.shape[2])
+    assert _max_diff(last, full[:, -1:]) < ATOL
+    cache = model.make_cache()
+    model(ids[:, :4], cache=cache)
+    assert _max_diff(model(ids[:, 4:], cache=cache, last_only=True), full[:, -1:]) < ATOL

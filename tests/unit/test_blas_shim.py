@@ -8,11 +8,13 @@ through ``sgemv`` rather than the BLAS's general product.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from models.blas import forwarded_calls
+from models.blas import blas_in_use, blas_path, forwarded_calls, gemv_forwarding
 
 pytestmark = pytest.mark.skipif(
     forwarded_calls() is None, reason="gemv shim not loaded (no optimized BLAS or compiler)"
@@ -29,6 +31,13 @@ def _check(result: mx.array, expected: np.ndarray, forwarded_before: int) -> Non
     got = np.array(result)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert forwarded_calls() > forwarded_before, "the product did not go through sgemv"
+
+
+def test_state_reports_the_shim() -> None:
+    assert gemv_forwarding()
+    assert Path(blas_path()).is_file()  # what bench/compare.py preloads into mlx_lm.server
+    assert blas_in_use().startswith(blas_path())
+    assert "sgemv" in blas_in_use()  # the startup line says the shim is in use
 
 
 @pytest.mark.parametrize("transpose_b", [False, True])

@@ -257,11 +257,11 @@ class _Exploding:
     def __init__(self, model, calls: int) -> None:
         self.model, self.calls = model, calls
 
-    def __call__(self, tokens, cache=None):
+    def __call__(self, tokens, cache=None, last_only=False):
         self.calls -= 1
         if self.calls < 0:
             raise RuntimeError("kernel exploded")
-        return self.model(tokens, cache=cache)
+        return self.model(tokens, cache=cache, last_only=last_only)
 
     def make_cache(self):
         return self.model.make_cache()
