@@ -12,7 +12,7 @@ rounds) because the machine is shared:
    512-token chunks, and one decode step at batch 1 and 16 (context ~300), with
    ``fastmath`` off and on;
 4. how many MLX graph ops one batch-1 decode step evaluates (``mx.export_to_dot``): on the
-   CPU backend each costs ~10 us of dispatch, which is what paces a single stream.
+   CPU backend each costs a few µs of dispatch on top of its arithmetic.
 
 Usage: python -m bench.cpu_math [--rounds 5] [--model DIR] [--skip-model (tables 1-2 only)]
 """

@@ -11,7 +11,8 @@ With OpenBLAS, matrix-vector products (one-row matmuls: every single-stream deco
 also go through a small C shim, ``gemv_forward.c``, that sends them to ``cblas_sgemv``:
 OpenBLAS before 0.3.27 runs them as general products, packing each weight matrix first, and
 is 2-5x slower than its own sgemv on them. The shim is compiled once with the system C
-compiler into moeserve's cache directory; without a compiler the BLAS is used as it is.
+compiler into moeserve's cache directory (``MOESERVE_CACHE_DIR``, else ``~/.cache/moeserve``;
+the temp directory when neither is writable); without a compiler the BLAS is used as it is.
 
 macOS uses Accelerate and Metal and is left alone. ``MOESERVE_BLAS`` selects: ``auto``
 (default: the first library found), ``none`` (keep the bundled one), or a library path.
@@ -24,6 +25,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -55,8 +57,9 @@ _SHIM_SOURCE = Path(__file__).with_name("gemv_forward.c")
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "moeserve"
+    # The same directory as the demo model (server/demo.py); the Docker image points it at a
+    # volume.
+    return Path(os.environ.get("MOESERVE_CACHE_DIR", Path.home() / ".cache" / "moeserve"))
 
 
 def _compiler() -> str | None:
@@ -72,7 +75,10 @@ def _build_shim() -> Path | None:
     compiler = _compiler()
     if compiler is None or not _SHIM_SOURCE.exists():
         return None
-    tag = hashlib.sha256(_SHIM_SOURCE.read_bytes() + compiler.encode()).hexdigest()[:16]
+    # The machine type is in the name too: a cache directory may be a volume shared by images
+    # of different architectures.
+    key = _SHIM_SOURCE.read_bytes() + compiler.encode() + platform.machine().encode()
+    tag = hashlib.sha256(key).hexdigest()[:16]
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "moeserve"):
         target = directory / f"gemv_forward-{tag}.so"
         if target.exists():
@@ -107,9 +113,13 @@ def _load(path: str) -> str:
     local = ctypes.CDLL(path)  # not global yet: first check it is a CBLAS with both routines
     wanted = os.environ.get("MOESERVE_BLAS_GEMV", "1") != "0"
     shim_path = _build_shim() if wanted and _has(local, "cblas_sgemm", "cblas_sgemv") else None
+    shim = None
     if shim_path is not None:
-        # Into the global scope before the BLAS, so that MLX's cblas_sgemm binds to the shim.
-        shim = ctypes.CDLL(str(shim_path), mode=os.RTLD_GLOBAL)
+        try:  # into the global scope before the BLAS, so that MLX's sgemm binds to the shim
+            shim = ctypes.CDLL(str(shim_path), mode=os.RTLD_GLOBAL)
+        except OSError:  # a corrupt or foreign file in the cache: go on without the shim
+            shim_path = None
+    if shim is not None:
         shim.moeserve_blas_bind(
             ctypes.cast(local.cblas_sgemm, ctypes.c_void_p),
             ctypes.cast(local.cblas_sgemv, ctypes.c_void_p),

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from models import blas
 from models.blas import blas_in_use, blas_path, forwarded_calls, gemv_forwarding
 
 pytestmark = pytest.mark.skipif(
@@ -101,3 +102,19 @@ def test_larger_products_are_not_forwarded() -> None:
     before = forwarded_calls()
     np.testing.assert_allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, rtol=1e-4, atol=1e-4)
     assert forwarded_calls() == before
+
+
+def test_shim_is_built_once_into_the_cache_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
+    built = blas._build_shim()
+    assert built is not None and built.parent == tmp_path and built.suffix == ".so"
+    stamp = built.stat().st_mtime_ns
+    assert blas._build_shim() == built  # found, not rebuilt
+    assert built.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no partial files left
+
+
+def test_no_compiler_means_no_shim(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(blas.shutil, "which", lambda _name: None)
+    assert blas._build_shim() is None
