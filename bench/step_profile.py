@@ -1,0 +1,151 @@
+"""Where a decode step's time goes on the bench model: each part's share, by leaving it out.
+
+MLX evaluates a step's graph as a whole, so timing a part on its own misses how it overlaps
+with the rest, and evaluating after every part inflates the small ones. Instead this times
+whole decode steps (batch B, context ~300, the engine's ``BatchKVCache``) with one part of
+every layer replaced by something free of cost, and reports the difference from the full
+step as that part's cost:
+
+* routed experts and router: the Qwen2-MoE block keeps only its gated shared expert;
+* shared expert: the block keeps only the router and the routed experts;
+* attention core: RoPE, the cache write and the attention itself (the q/k/v/o projections
+  stay, so that the rest of the layer sees the same shapes);
+* q/k/v/o projections: what the attention layer costs beyond its core;
+* the rest: a step with no MoE block and no attention at all (embedding, norms, residuals,
+  head, argmax).
+
+The parts overlap in MLX's evaluation (two cores, one graph), so they need not add up to the
+full step; the table shows their sum next to it. Variants are interleaved (each once per
+round, median of the rounds): the machine is shared.
+
+Usage: python -m bench.step_profile [--batch 1 16] [--rounds 5] [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+
+from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
+from models import qwen2_moe
+from models.cache import BatchKVCache
+from models.layers import attention
+from models.layers.moe import combine_experts, softmax_topk
+from models.loader import load_model
+
+_FULL_MOE = qwen2_moe.SparseMoeBlock.__call__
+_FULL_ATTENTION = attention.Attention.__call__
+
+
+def _shared_only(self, x: mx.array) -> mx.array:
+    return mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+
+def _routed_only(self, x: mx.array) -> mx.array:
+    inds, weights = softmax_topk(self.gate(x), self.top_k, self.renormalize_p)
+    return combine_experts(self.switch_mlp(x, inds), weights)
+
+
+def _projections_only(self, x: mx.array, mask, cache) -> mx.array:
+    q, _, _ = self._project(x)  # k and v are computed and dropped, as in a real step
+    return self.o_proj(q)
+
+
+def _nothing(self, x: mx.array, *_args) -> mx.array:
+    return x
+
+
+# name -> (MoE block, attention layer)
+VARIANTS = {
+    "full": (_FULL_MOE, _FULL_ATTENTION),
+    "no routed": (_shared_only, _FULL_ATTENTION),
+    "no shared": (_routed_only, _FULL_ATTENTION),
+    "no attention core": (_FULL_MOE, _projections_only),
+    "no attention": (_FULL_MOE, _nothing),
+    "bare": (_nothing, _nothing),
+}
+
+
+def _step_fn(model, rows: int) -> Callable[[], None]:
+    prompt = mx.random.randint(0, 4000, (1, 300), key=mx.random.key(0))
+    per_row = []
+    for r in range(rows):
+        cache = model.make_cache()
+        model(prompt[:, : 300 - 3 * r], cache=cache)
+        mx.eval([c.keys for c in cache])
+        per_row.append(cache)
+    caches = [BatchKVCache.merge(list(layer)) for layer in zip(*per_row)]
+    tokens = mx.zeros((rows, 1), dtype=mx.int32)
+
+    def step() -> None:
+        mx.eval(mx.argmax(model(tokens, cache=caches)[:, -1, :], axis=-1))
+        for c in caches:  # keep the context length fixed from step to step
+            c.offset -= 1
+
+    return step
+
+
+def profile(model, rows: int, rounds: int, steps: int = 10) -> dict[str, float]:
+    """Median ms per decode step of each variant.
+
+    Args:
+        model: The bench model.
+        rows: Batch size.
+        rounds: Interleaved rounds.
+        steps: Steps timed per variant and round.
+
+    Returns:
+        Variant name -> ms.
+    """
+    step = _step_fn(model, rows)
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    try:
+        for _ in range(rounds):
+            for name, (moe_call, attention_call) in VARIANTS.items():
+                qwen2_moe.SparseMoeBlock.__call__ = moe_call
+                attention.Attention.__call__ = attention_call
+                step()  # warm up this variant's graph shapes
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                times[name].append((time.perf_counter() - start) / steps * 1000)
+    finally:
+        qwen2_moe.SparseMoeBlock.__call__ = _FULL_MOE
+        attention.Attention.__call__ = _FULL_ATTENTION
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    """Print one markdown table per batch size."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--model", type=Path, default=DEFAULT_DIR)
+    args = parser.parse_args()
+    ensure_checkpoint(args.model)
+    model, _ = load_model(args.model, "float32")
+    for rows in args.batch:
+        ms = profile(model, rows, args.rounds)
+        full = ms["full"]
+        parts = {
+            "routed experts (with the router)": full - ms["no routed"],
+            "shared expert": full - ms["no shared"],
+            "attention core (RoPE, cache write, attention)": full - ms["no attention core"],
+            "q/k/v/o projections": ms["no attention core"] - ms["no attention"],
+        }
+        parts["the rest (embedding, norms, residuals, head)"] = ms["bare"]
+        print(f"\nDecode step, batch {rows}: {full:.1f} ms\n")
+        print("| part | ms | share of the step |\n|---|---|---|")
+        for name, value in parts.items():
+            print(f"| {name} | {value:.1f} | {value / full:.0%} |")
+        total = sum(parts.values())
+        print(f"| sum of the parts | {total:.1f} | {total / full:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
