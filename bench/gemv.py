@@ -64,7 +64,8 @@ def blas_table() -> None:
     print(f"\nBLAS: {path}\n")
     print("| weight [out, in] | sgemm, 1 row | GB/s | sgemv | GB/s | speed-up |")
     print("|---|---|---|---|---|---|")
-    # q/o projections and the shared expert, k/v, an expert's gate/up, its down, the head.
+    # q/o and shared-expert projections; k/v and one expert's gate/up; two wider products
+    # of the same widths; the output head.
     for out, inp in [(512, 512), (256, 512), (256, 512 * 4), (512, 256 * 4), (4096, 512)]:
         weights = [rng.standard_normal((out, inp), dtype=np.float32) for _ in range(8)]
         x = rng.standard_normal(inp, dtype=np.float32)
