@@ -32,6 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
+from bench.step_profile import decode_step
 from models.cache import BatchKVCache
 from models.layers import fastmath
 from models.layers.attention import attend
@@ -127,32 +128,11 @@ def end_to_end(model_dir: Path, rounds: int) -> None:
             mx.eval(out[:, -1], [c.keys for c in cache])
         return out[:, -1]
 
-    def batch(rows: int) -> list[BatchKVCache]:
-        per_row = []
-        for r in range(rows):
-            cache = model.make_cache()
-            model(prompt[:, : 300 - 3 * r], cache=cache)
-            mx.eval([c.keys for c in cache])
-            per_row.append(cache)
-        return [BatchKVCache.merge(list(layer)) for layer in zip(*per_row)]
-
-    def decode(caches: list[BatchKVCache]) -> Callable[[], object]:
-        tokens = mx.zeros((caches[0].batch_size, 1), dtype=mx.int32)
-
-        def step() -> mx.array:
-            out = mx.argmax(model(tokens, cache=caches)[:, -1, :], axis=-1)
-            mx.eval(out)
-            for c in caches:  # keep the context length fixed from round to round
-                c.offset -= 1
-            return out
-
-        return step
-
     work = {
         "512-token chunk": lambda: prefill(512),
         "2,000-token prompt": lambda: prefill(2000),
-        "decode step, batch 1": decode(batch(1)),
-        "decode step, batch 16": decode(batch(16)),
+        "decode step, batch 1": decode_step(model, 1),
+        "decode step, batch 16": decode_step(model, 16),
     }
     variants = {}
     for name, fn in work.items():

@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
-from models.blas import blas_path
+from bench.step_profile import decode_step
+from models.blas import blas_path, gemv_forwarding
+from models.loader import load_model
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
@@ -91,28 +93,8 @@ def blas_table() -> None:
 
 def _step_worker(model_dir: Path, rows: int) -> None:
     """Print the median decode-step time (ms) at batch ``rows``, as JSON, for table 2."""
-    import mlx.core as mx
-
-    from models.blas import gemv_forwarding
-    from models.cache import BatchKVCache
-    from models.loader import load_model
-
     model, _ = load_model(model_dir, "float32")
-    prompt = mx.random.randint(0, 4000, (1, 300), key=mx.random.key(0))
-    per_row = []
-    for r in range(rows):
-        cache = model.make_cache()
-        model(prompt[:, : 300 - 3 * r], cache=cache)
-        mx.eval([c.keys for c in cache])
-        per_row.append(cache)
-    caches = [BatchKVCache.merge(list(layer)) for layer in zip(*per_row)]
-    tokens = mx.zeros((rows, 1), dtype=mx.int32)
-
-    def step() -> None:
-        mx.eval(mx.argmax(model(tokens, cache=caches)[:, -1, :], axis=-1))
-        for c in caches:  # keep the context length fixed from step to step
-            c.offset -= 1
-
+    step = decode_step(model, rows)
     ms = _median_us(step, repeat=40) / 1000
     print(json.dumps({"ms": ms, "shim": gemv_forwarding()}))
 

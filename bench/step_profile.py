@@ -71,7 +71,20 @@ VARIANTS = {
 }
 
 
-def _step_fn(model, rows: int) -> Callable[[], None]:
+def decode_step(model, rows: int) -> Callable[[], mx.array]:
+    """A function that runs one decode step of ``rows`` rows at a fixed context (~300 tokens).
+
+    The rows are prefilled to slightly different lengths and merged into the engine's
+    left-padded ``BatchKVCache``; after each step the caches are moved back one position, so
+    every call does the same work.
+
+    Args:
+        model: A loaded model of the bench checkpoint's vocabulary.
+        rows: Batch size.
+
+    Returns:
+        The step; it returns the greedy tokens ``[rows]``, evaluated.
+    """
     prompt = mx.random.randint(0, 4000, (1, 300), key=mx.random.key(0))
     per_row = []
     for r in range(rows):
@@ -82,10 +95,12 @@ def _step_fn(model, rows: int) -> Callable[[], None]:
     caches = [BatchKVCache.merge(list(layer)) for layer in zip(*per_row)]
     tokens = mx.zeros((rows, 1), dtype=mx.int32)
 
-    def step() -> None:
-        mx.eval(mx.argmax(model(tokens, cache=caches)[:, -1, :], axis=-1))
+    def step() -> mx.array:
+        out = mx.argmax(model(tokens, cache=caches)[:, -1, :], axis=-1)
+        mx.eval(out)
         for c in caches:  # keep the context length fixed from step to step
             c.offset -= 1
+        return out
 
     return step
 
@@ -102,7 +117,7 @@ def profile(model, rows: int, rounds: int, steps: int = 10) -> dict[str, float]:
     Returns:
         Variant name -> ms.
     """
-    step = _step_fn(model, rows)
+    step = decode_step(model, rows)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     try:
         for _ in range(rounds):
