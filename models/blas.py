@@ -113,20 +113,19 @@ def _load(path: str) -> str:
     local = ctypes.CDLL(path)  # not global yet: first check it is a CBLAS with both routines
     wanted = os.environ.get("MOESERVE_BLAS_GEMV", "1") != "0"
     shim_path = _build_shim() if wanted and _has(local, "cblas_sgemm", "cblas_sgemv") else None
-    shim = None
     if shim_path is not None:
         try:  # into the global scope before the BLAS, so that MLX's sgemm binds to the shim
             shim = ctypes.CDLL(str(shim_path), mode=os.RTLD_GLOBAL)
         except OSError:  # a corrupt or foreign file in the cache: go on without the shim
-            shim_path = None
-    if shim is not None:
-        shim.moeserve_blas_bind(
-            ctypes.cast(local.cblas_sgemm, ctypes.c_void_p),
-            ctypes.cast(local.cblas_sgemv, ctypes.c_void_p),
-        )
-        _state["shim"] = str(shim_path)
+            pass
+        else:
+            shim.moeserve_blas_bind(
+                ctypes.cast(local.cblas_sgemm, ctypes.c_void_p),
+                ctypes.cast(local.cblas_sgemv, ctypes.c_void_p),
+            )
+            _state["shim"] = str(shim_path)
     ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
-    return f"{path} (matrix-vector products through sgemv)" if shim_path else path
+    return f"{path} (matrix-vector products through sgemv)" if "shim" in _state else path
 
 
 def _has(lib: ctypes.CDLL, *names: str) -> bool:
