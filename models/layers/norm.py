@@ -5,8 +5,8 @@ mean, add, rsqrt, two products), and a decode step runs 2L + 1 of them, where ev
 a few µs of dispatch whatever its size (bench/RESULTS.md, section 6). Here the elementwise
 tail after the mean is one compiled kernel, with the same operations in the same order as
 MLX's CPU path, so the result is bitwise the same (``tests/unit/test_norm.py``) with three
-ops instead of eight. On
-the GPU, or when ``fastmath`` is off (no JIT compiler), it is ``mx.fast.rms_norm``.
+ops instead of eight. On the GPU, or when ``fastmath`` is off (no JIT compiler), it is
+``mx.fast.rms_norm``.
 """
 
 from __future__ import annotations
