@@ -94,15 +94,6 @@ class RssSampler:
 MLX_LM_BLAS = {"mode": "same"}
 
 
-def blas_library() -> str | None:
-    """The optimized BLAS moeserve loads here, to preload into mlx_lm.server too.
-
-    Returns:
-        A library path, or None when moeserve keeps MLX's bundled BLAS.
-    """
-    return blas_path()
-
-
 def check_serve_command() -> None:
     """Fail early, and clearly, when this checkout's ``moeserve serve`` cannot take a port.
 
@@ -190,7 +181,7 @@ def start_server(name: str, model_dir: Path, log_dir: Path, timeout: float) -> S
         )
     cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    blas = blas_library() if MLX_LM_BLAS["mode"] == "same" else None
+    blas = blas_path() if MLX_LM_BLAS["mode"] == "same" else None
     env = {"LD_PRELOAD": blas} if blas else {}
     return ServerProcess.start(cmd, port, "/v1/models", log, env=env, timeout=timeout)
 
@@ -363,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
         print(table(name, results[name]), flush=True)
-    out: dict[str, Any] = {"blas": blas_library(), "log_dir": str(log_dir), "servers": results}
+    out: dict[str, Any] = {"blas": blas_path(), "log_dir": str(log_dir), "servers": results}
     if "mlx_lm" in results:
         out["ratios_moeserve_over_mlx_lm"] = ratios(results["moeserve"], results["mlx_lm"])
         print("== moeserve / mlx_lm")
