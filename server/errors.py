@@ -14,9 +14,48 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    """The inside of OpenAI's error envelope."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """``{"error": {...}}``: the body of every 4xx and 5xx answer."""
+
+    error: ErrorDetail
+
+
+_WHY = {
+    400: "Invalid request: the message names the problem and `param` the field",
+    401: "Missing or invalid API key (when the server has keys)",
+    404: "Unknown model, route or resource",
+    413: "Request body over the server's `max_request_bytes`",
+    429: "The queue is full; retry after `Retry-After` seconds",
+    500: "The generation failed (never caused by a request's content)",
+    503: "The model is loading, the engine is down, or the server is shutting down",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the error statuses a route can answer.
+
+    Args:
+        *statuses: HTTP statuses.
+
+    Returns:
+        A mapping for ``APIRouter(responses=...)`` or a route decorator.
+    """
+    return {s: {"model": ErrorResponse, "description": _WHY[s]} for s in statuses}
 
 
 class APIError(Exception):
@@ -114,15 +153,20 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         # The location is a character offset, not a field: name no param, as OpenAI does.
         return APIError(400, "the request body is not valid JSON", param=None)
+    if first.get("type") == "lone_surrogate":
+        # Found by a whole-body check, so pydantic's location is the body: the path is ours.
+        param = first.get("ctx", {}).get("path")
+        return APIError(400, message, param=None if param == "body" else param)
     return APIError(400, f"{param}: {message}" if param else message, param=param)
 
 
 def install_handlers(app: FastAPI) -> None:
-    """Register the handlers that turn every failure into the OpenAI envelope.
+    """Register the handlers that turn every failure into the OpenAI envelope (and say so).
 
     Args:
         app: The application.
     """
+    _document_400_not_422(app)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -135,11 +179,32 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        # Starlette's headers carry e.g. the 405's Allow list, which RFC 9110 requires.
+        headers = dict(exc.headers) if exc.headers else None
+        return APIError(exc.status_code, str(exc.detail), code=code, headers=headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # The log has the traceback; the client gets no Python names or internal details.
         logger.exception("unhandled error")
         return APIError(
-            500, f"internal server error: {exc}", type="server_error", code="internal_error"
+            500, "internal server error", type="server_error", code="internal_error"
         ).response()
+
+
+def _document_400_not_422(app: FastAPI) -> None:
+    """Drop FastAPI's automatic 422 from ``/openapi.json``: validation failures answer 400."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

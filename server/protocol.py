@@ -1,16 +1,21 @@
 """OpenAI wire types (pydantic v2): what clients send and what they read.
 
 Request models validate at the boundary: a bad value becomes a 400 whose ``param`` names the
-field. Fields we do not know (``store``, ``metadata``, ``service_tier``, ...) are ignored, as
-OpenAI-compatible servers do, so that every client's extra knobs pass. Response models mirror
-the shapes the ``openai`` package parses. Nothing here knows the engine or the model.
+field. Types are strict, as OpenAI's are: ``"10"`` is not a number and ``"yes"`` not a boolean.
+Every string, keys included, must be valid Unicode: a JSON escape of a lone UTF-16 surrogate
+decodes to a string that no tokenizer or encoder downstream can take. Fields we do not know
+(``store``, ``metadata``, ``service_tier``, ...) are ignored, as OpenAI-compatible servers do,
+so that every client's extra knobs pass. Response models mirror the shapes the ``openai``
+package parses. Nothing here knows the engine or the model.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -18,14 +23,80 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 MAX_STOP = 16  # OpenAI allows 4; vLLM more. Enough for any client, bounded for the matcher.
+# Chat-template variables a request may not set through chat_template_kwargs: the server
+# passes them itself, so a second value would be ambiguous (and a Python TypeError).
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "add_generation_prompt"})
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also takes "²"
+
+
+def lone_surrogate_at(value: Any) -> str | None:
+    """Where the first string holding a lone surrogate sits in a parsed JSON value.
+
+    Iterative, so a deeply nested body cannot exhaust the interpreter's stack.
+
+    Args:
+        value: A parsed JSON value (dicts, lists, strings, numbers).
+
+    Returns:
+        A path such as ``messages[0].content`` (``""`` for the value itself), or None when
+        every string and key is valid Unicode.
+    """
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return path
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                name = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return path or name
+                stack.append((child, name))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+def _not_reserved(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    taken = sorted(RESERVED_TEMPLATE_KWARGS & (kwargs or {}).keys())
+    if taken:
+        raise ValueError(
+            f"{', '.join(taken)} cannot be set through chat_template_kwargs; "
+            "use the request's own fields"
+        )
+    return kwargs
+
+
+# Extra chat-template variables (``enable_thinking``, ...), never the ones the server sets.
+TemplateKwargs = Annotated[dict[str, Any] | None, AfterValidator(_not_reserved)]
 
 
 class _Lenient(BaseModel):
-    """Unknown fields are accepted and ignored."""
+    """Unknown fields are accepted and ignored; known ones are typed strictly."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class _Request(_Lenient):
+    """A request body: refused as a whole when any string in it is not valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = lone_surrogate_at(data)
+        if path is not None:
+            # The path travels in the context: errors.validation_error makes it the param.
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{path}: a string holds a lone UTF-16 surrogate, which is not valid Unicode",
+                {"path": path or "body"},
+            )
+        return data
 
 
 class StreamOptions(_Lenient):
@@ -49,6 +120,13 @@ class ChatMessage(_Lenient):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_result_names_its_call(self) -> ChatMessage:
+        # OpenAI refuses a tool result that does not say which call it answers.
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs a 'tool_call_id'")
+        return self
 
     @field_validator("content")
     @classmethod
@@ -77,7 +155,7 @@ class ChatMessage(_Lenient):
         return data
 
 
-class SamplingFields(_Lenient):
+class SamplingFields(_Request):
     """Generation fields shared by chat and completions."""
 
     model: str
@@ -92,7 +170,7 @@ class SamplingFields(_Lenient):
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=8)
+    n: int = Field(default=1, ge=1)  # the upper bound is the max_n setting (api/common.py)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -104,7 +182,7 @@ class SamplingFields(_Lenient):
     @classmethod
     def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (bias or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not _TOKEN_ID.fullmatch(key):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
@@ -190,7 +268,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs = None
 
     # Field validators, not one model validator, so that the 400's ``param`` names the field.
     @field_validator("top_logprobs")
@@ -261,7 +339,7 @@ class CompletionRequest(SamplingFields):
         return list(p)
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(_Request):
     """``POST /tokenize``: a prompt, or messages rendered with the chat template."""
 
     model: str | None = None
@@ -269,7 +347,7 @@ class TokenizeRequest(_Lenient):
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     tools: list[ToolSpec] | None = None  # rendered by the chat template, as in a chat request
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs = None
 
     @model_validator(mode="after")
     def _one_of(self) -> TokenizeRequest:
@@ -278,7 +356,7 @@ class TokenizeRequest(_Lenient):
         return self
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(_Request):
     """``POST /detokenize``."""
 
     model: str | None = None

@@ -21,7 +21,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import tokenizers
 
 from server.chat_template import (
@@ -251,7 +250,10 @@ class Tokenizer:
         context.update(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
         try:
             return self._compiled[name].render(**context)
-        except (jinja2.TemplateError, TypeError) as exc:
+        except Exception as exc:
+            # Whatever a template trips over comes from the conversation or the request's
+            # template variables (a number where it concatenates strings, a kwarg shadowing a
+            # helper it calls): it is the request's problem, never a server error.
             raise TemplateError(f"chat template failed: {exc}") from exc
 
     def tokenize_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:

@@ -7,14 +7,23 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.deps import RuntimeDep
-from server.errors import APIError
+from server.errors import APIError, error_responses
 from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.tokenizer import TemplateError
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], responses=error_responses(400, 401, 404, 413, 503))
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    responses={
+        200: {"description": "Serving: the model id and the engine's queue sizes"},
+        503: {
+            "description": "Loading, draining or engine down: `status` says which",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+    },
+)
 async def health(http: Request) -> JSONResponse:
     """200 while the model is loaded and the engine thread alive, else 503.
 

@@ -19,7 +19,9 @@ from fastapi import APIRouter, Request
 
 from server.api.chat_output import ChoiceAssembler, OutputConfig
 from server.api.common import (
+    STREAM_RESPONSE,
     TokenTimer,
+    check_queue_room,
     collect,
     new_id,
     sampling_params,
@@ -37,12 +39,12 @@ from server.engine.events import (
     GenerationRequest,
     TokenLogprob,
 )
-from server.errors import APIError
+from server.errors import APIError, error_responses
 from server.protocol import ChatCompletion, ChatCompletionRequest, NamedToolChoice
 from server.reasoning import detect_reasoning
 from server.tokenizer import TemplateError
 
-router = APIRouter(tags=["chat"])
+router = APIRouter(tags=["chat"], responses=error_responses(400, 401, 404, 413, 429, 500, 503))
 
 
 def render_prompt(runtime: Runtime, req: ChatCompletionRequest) -> tuple[list[int], str]:
@@ -142,10 +144,9 @@ async def build_constraint(runtime: Runtime, req: ChatCompletionRequest) -> Any:
         A ``server.engine.grammar.Constraint``, or None.
 
     Raises:
-        APIError: 400 for a conflict or a schema the grammar engine cannot compile.
+        APIError: 400 for a conflict, or a tool or response schema the grammar engine cannot
+            compile (tools are checked whatever ``tool_choice`` says).
     """
-    from server.engine.grammar import GrammarError
-
     fmt = req.response_format.type if req.response_format else "text"
     named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
     forced = bool(req.tools) and (req.tool_choice == "required" or named is not None)
@@ -155,26 +156,45 @@ async def build_constraint(runtime: Runtime, req: ChatCompletionRequest) -> Any:
             "response_format cannot be combined with a required tool call",
             param="response_format",
         )
-    try:
+    compiler = runtime.grammar_compiler()
+    if req.tools:
+        tools = req.tool_dicts() or []
         if forced:
-            tools = req.tool_dicts() or []
             names = [named] if named else [t["function"]["name"] for t in tools]
             parallel = req.parallel_tool_calls and not named
-            return await asyncio.to_thread(
-                runtime.grammar_compiler().tool_calls, tools, names, runtime.tool_format, parallel
-            )
-        if fmt == "json_object":
-            return await asyncio.to_thread(runtime.grammar_compiler().json_object)
-        if fmt == "json_schema":
-            spec = req.response_format.json_schema
-            # Compiling a schema can take milliseconds: keep it off the event loop.
-            return await asyncio.to_thread(
-                runtime.grammar_compiler().json_schema, spec.schema_, bool(spec.strict)
-            )
-    except GrammarError as e:
-        param = "tools" if forced else "response_format"
-        raise APIError(400, str(e), param=param, code="invalid_schema") from e
+            job = (compiler.tool_calls, tools, names, runtime.tool_format, parallel)
+            return await _compile(job, "tools")
+        # Not constrained, but a schema the grammar engine refuses is refused here too, as
+        # OpenAI refuses it whatever tool_choice says.
+        await _compile((compiler.check_tools, tools), "tools")
+    if fmt == "json_object":
+        return await _compile((compiler.json_object,), "response_format")
+    if fmt == "json_schema":
+        spec = req.response_format.json_schema
+        job = (compiler.json_schema, spec.schema_, bool(spec.strict))
+        return await _compile(job, "response_format")
     return None
+
+
+async def _compile(job: tuple[Any, ...], param: str) -> Any:
+    """Run a grammar compiler call off the event loop (it can take milliseconds).
+
+    Args:
+        job: The compiler method and its arguments.
+        param: The request field to name when it fails.
+
+    Returns:
+        What the method returns.
+
+    Raises:
+        APIError: 400 ``invalid_schema`` naming ``param``.
+    """
+    from server.engine.grammar import GrammarError
+
+    try:
+        return await asyncio.to_thread(*job)
+    except GrammarError as e:
+        raise APIError(400, str(e), param=param, code="invalid_schema") from e
 
 
 def logprobs_json(runtime: Runtime, items: list[TokenLogprob]) -> dict[str, Any]:
@@ -292,7 +312,7 @@ async def _sse(
         runtime.engine.abort(request_id)  # a no-op when finished; frees the slot on disconnect
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion)
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAM_RESPONSE)
 async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http: Request):
     """Create a chat completion (streamed as server-sent events when ``stream`` is true).
 
@@ -305,6 +325,7 @@ async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http
         A ``ChatCompletion``, or an SSE stream of ``chat.completion.chunk`` objects.
     """
     runtime.check_model(req.model)
+    check_queue_room(runtime, req.n)
     prompt, prompt_text = render_prompt(runtime, req)
     params = sampling_params(
         req,

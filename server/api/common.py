@@ -25,6 +25,14 @@ from server.engine.scheduler import ContextLengthError, QueueFullError
 from server.errors import APIError
 from server.protocol import SamplingFields
 
+# OpenAPI: with ``stream: true`` the 200 answer is a server-sent event stream, not JSON.
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion, or with `stream: true` its chunks as server-sent "
+        "events ending with `data: [DONE]`",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
 # How often a non-streaming request checks whether its client is still there.
 _DISCONNECT_POLL_SECONDS = 0.1
 
@@ -118,6 +126,30 @@ def sampling_params(
         ignore_eos=req.ignore_eos,
         stop=req.stop_list(),
     )
+
+
+def check_queue_room(runtime: Runtime, sequences: int, param: str = "n") -> None:
+    """Refuse a request with more sequences than the waiting queue can ever hold.
+
+    A full queue is a 429 (retry later); a request larger than the whole queue would get
+    that answer forever, so it is a 400 instead.
+
+    Args:
+        runtime: The runtime (its ``max_waiting`` setting).
+        sequences: Choices times prompts of the request.
+        param: The field to name.
+
+    Raises:
+        APIError: 400 when ``sequences`` exceeds ``max_waiting``.
+    """
+    limit = runtime.settings.max_waiting
+    if sequences > limit:
+        raise APIError(
+            400,
+            f"this request asks for {sequences} sequences (n times prompts); the server "
+            f"queues at most {limit}",
+            param=param,
+        )
 
 
 def session_key(req: SamplingFields, http: Request) -> str | None:

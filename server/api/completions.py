@@ -17,7 +17,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from server.api.common import (
+    STREAM_RESPONSE,
     TokenTimer,
+    check_queue_room,
     collect,
     new_id,
     sampling_params,
@@ -35,10 +37,12 @@ from server.engine.events import (
     GenerationRequest,
     TokenLogprob,
 )
-from server.errors import APIError
+from server.errors import APIError, error_responses
 from server.protocol import Completion, CompletionRequest
 
-router = APIRouter(tags=["completions"])
+router = APIRouter(
+    tags=["completions"], responses=error_responses(400, 401, 404, 413, 429, 500, 503)
+)
 
 
 def _legacy_logprobs(events: list[DeltaEvent], offset: int) -> dict[str, Any]:
@@ -88,7 +92,7 @@ async def _submit_all(runtime: Runtime, requests: list[GenerationRequest]) -> li
     return streams
 
 
-@router.post("/v1/completions", response_model=Completion)
+@router.post("/v1/completions", response_model=Completion, responses=STREAM_RESPONSE)
 async def completions(req: CompletionRequest, runtime: RuntimeDep, http: Request):
     """Create a text completion (streamed as server-sent events when ``stream`` is true).
 
@@ -101,6 +105,7 @@ async def completions(req: CompletionRequest, runtime: RuntimeDep, http: Request
         A ``Completion``, or an SSE stream of ``text_completion`` chunks.
     """
     runtime.check_model(req.model)
+    check_queue_room(runtime, req.n * len(req.prompts()))
     tok = runtime.tokenizer
     prompts = [
         p if isinstance(p, list) else tok.encode(p, add_special_tokens=True) for p in req.prompts()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from server.deps import Runtime, RuntimeDep
-from server.errors import model_not_found
+from server.errors import error_responses, model_not_found
 from server.protocol import ModelCard, ModelList
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=error_responses(401, 404, 503))
 
 
 def _card(runtime: Runtime, name: str) -> ModelCard:

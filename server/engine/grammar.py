@@ -158,21 +158,33 @@ class GrammarCompiler:
         unknown = [n for n in names if n not in functions]
         if unknown:
             raise GrammarError(f"function {unknown[0]!r} is not among the request's tools")
-        lark = _ToolCallGrammar(self.tokenizer).build(
-            [(name, functions[name]) for name in dict.fromkeys(names)], fmt, parallel
-        )
+        chosen = {name: functions[name] for name in names}
+        self._check_functions(chosen)  # names the function whose schema fails
+        lark = _ToolCallGrammar(self.tokenizer).build(list(chosen.items()), fmt, parallel)
         grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-        try:
-            self._prototype(grammar, "")
-        except GrammarError:
-            for name in dict.fromkeys(names):  # name the function whose schema fails
-                fn = functions[name]
-                try:
-                    self.json_schema(fn["parameters"], strict=fn.get("strict", False))
-                except GrammarError as e:
-                    raise GrammarError(f"function {name!r}: {e}") from None
-            raise
+        self._prototype(grammar, "")
         return Constraint(grammar, "tool_calls")
+
+    def check_tools(self, tools: list[dict[str, Any]]) -> None:
+        """Validate every tool's ``parameters`` schema, as OpenAI does whatever ``tool_choice``.
+
+        Compiled schemas stay in the LRU, so an agent resending its tools each turn pays once.
+
+        Args:
+            tools: OpenAI tool definitions.
+
+        Raises:
+            GrammarError: A tool without a name, or a schema that cannot compile; the message
+                names the function.
+        """
+        self._check_functions(_functions(tools))
+
+    def _check_functions(self, functions: dict[str, dict[str, Any]]) -> None:
+        for name, fn in functions.items():
+            try:
+                self.json_schema(fn["parameters"], strict=bool(fn.get("strict")))
+            except GrammarError as e:
+                raise GrammarError(f"function {name!r}: {e}") from None
 
     def matcher(self, constraint: Constraint) -> Matcher:
         """A fresh matcher for one sequence.
@@ -199,11 +211,28 @@ class GrammarCompiler:
         proto = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if proto.is_error():
             raise GrammarError(f"{what}{': ' if what else ''}{_short(proto.get_error())}")
+        _check_first_step(proto, what)
         with self._lock:
             self._cache[grammar] = proto
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return proto
+
+
+def _check_first_step(proto: llguidance.LLMatcher, what: str) -> None:
+    """Compute a copy's first mask, so a grammar that fails only once it runs fails here.
+
+    llguidance builds its lexer lazily: a schema such as ``{"$ref": "#"}`` (a value that is
+    itself, forever) compiles, and its error appears at the first mask. Finding it at
+    compile time makes it a 400 before anything is queued, never an error mid-stream.
+    """
+    probe = proto.deep_copy()
+    mask = probe.compute_bitmask()
+    if probe.is_error():
+        reason = _short(probe.get_error(), first_line=True)
+        raise GrammarError(f"{what or 'constraint'}: the grammar cannot produce output ({reason})")
+    if not any(mask):
+        raise GrammarError(f"{what or 'constraint'}: the grammar allows no token at all")
 
 
 class Matcher:

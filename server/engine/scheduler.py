@@ -154,7 +154,8 @@ class Scheduler:
 
         Raises:
             ValueError: no sequences, mixed or duplicate request ids, an empty prompt,
-                `max_tokens < 1`, a negative `num_cached`, or more choices than `max_running`.
+                `max_tokens < 1`, a negative `num_cached`, or more choices than `max_running`
+                or `max_waiting`.
             ContextLengthError: prompt plus `max_tokens` exceed `max_model_len`.
             QueueFullError: the waiting queue would exceed `max_waiting` sequences.
         """
@@ -189,6 +190,11 @@ class Scheduler:
         if len(seqs) > self.config.max_running:
             raise ValueError(
                 f"n={len(seqs)} exceeds the server's max_running ({self.config.max_running})"
+            )
+        if len(seqs) > self.config.max_waiting:
+            # Never admissible, so a 400 rather than QueueFullError's "retry later".
+            raise ValueError(
+                f"n={len(seqs)} exceeds the server's max_waiting ({self.config.max_waiting})"
             )
         for seq in seqs:
             if not seq.prompt_ids:
