@@ -21,7 +21,7 @@ from server.api.chat_output import ChoiceAssembler, OutputConfig
 from server.api.common import (
     STREAM_RESPONSE,
     TokenTimer,
-    check_queue_room,
+    check_choices,
     collect,
     new_id,
     sampling_params,
@@ -325,7 +325,7 @@ async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http
         A ``ChatCompletion``, or an SSE stream of ``chat.completion.chunk`` objects.
     """
     runtime.check_model(req.model)
-    check_queue_room(runtime, req.n)
+    check_choices(runtime, req.n)
     prompt, prompt_text = render_prompt(runtime, req)
     params = sampling_params(
         req,

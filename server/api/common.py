@@ -94,7 +94,7 @@ def sampling_params(
         The parameters.
 
     Raises:
-        APIError: 400 for a context overflow, ``n`` over the limit, or a bad token id.
+        APIError: 400 for a context overflow or a bad token id.
     """
     settings, room = runtime.settings, runtime.max_model_len - prompt_len
     if limit is None:
@@ -103,8 +103,6 @@ def sampling_params(
             raise context_error(prompt_len, 1, runtime.max_model_len, prompt_param)
     elif limit > room:
         raise context_error(prompt_len, limit, runtime.max_model_len, prompt_param)
-    if req.n > settings.max_n:
-        raise APIError(400, f"n must be at most {settings.max_n}", param="n")
     vocab = runtime.tokenizer.vocab_size
     bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
     if any(not 0 <= k < vocab for k in bias):
@@ -128,27 +126,29 @@ def sampling_params(
     )
 
 
-def check_queue_room(runtime: Runtime, sequences: int, param: str = "n") -> None:
-    """Refuse a request with more sequences than the waiting queue can ever hold.
+def check_choices(runtime: Runtime, n: int, prompts: int = 1) -> None:
+    """Refuse ``n`` over ``max_n``, and requests larger than the waiting queue can ever hold.
 
     A full queue is a 429 (retry later); a request larger than the whole queue would get
-    that answer forever, so it is a 400 instead.
+    that answer forever, so it is a 400 instead. Checked before any tokenising.
 
     Args:
-        runtime: The runtime (its ``max_waiting`` setting).
-        sequences: Choices times prompts of the request.
-        param: The field to name.
+        runtime: The runtime (its ``max_n`` and ``max_waiting`` settings).
+        n: Choices per prompt.
+        prompts: Prompts of the request (a legacy completion may have several).
 
     Raises:
-        APIError: 400 when ``sequences`` exceeds ``max_waiting``.
+        APIError: 400 naming ``n``.
     """
-    limit = runtime.settings.max_waiting
+    if n > runtime.settings.max_n:
+        raise APIError(400, f"n must be at most {runtime.settings.max_n}", param="n")
+    sequences, limit = n * prompts, runtime.settings.max_waiting
     if sequences > limit:
         raise APIError(
             400,
             f"this request asks for {sequences} sequences (n times prompts); the server "
             f"queues at most {limit}",
-            param=param,
+            param="n",
         )
 
 

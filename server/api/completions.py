@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from server.api.common import (
     STREAM_RESPONSE,
     TokenTimer,
-    check_queue_room,
+    check_choices,
     collect,
     new_id,
     sampling_params,
@@ -105,7 +105,7 @@ async def completions(req: CompletionRequest, runtime: RuntimeDep, http: Request
         A ``Completion``, or an SSE stream of ``text_completion`` chunks.
     """
     runtime.check_model(req.model)
-    check_queue_room(runtime, req.n * len(req.prompts()))
+    check_choices(runtime, req.n, len(req.prompts()))
     tok = runtime.tokenizer
     prompts = [
         p if isinstance(p, list) else tok.encode(p, add_special_tokens=True) for p in req.prompts()

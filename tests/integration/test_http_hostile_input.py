@@ -219,7 +219,9 @@ def test_openapi_documents_the_error_answers(client):
 
 @pytest.fixture(scope="module")
 def limited_client(start_module_server):
-    live = start_module_server("--max-n", "12", "--max-waiting", "10", "--max-model-len", "256")
+    live = start_module_server(
+        "--max-n", "12", "--max-waiting", "10", "--max-model-len", "256", "--model-alias", "tiny"
+    )
     with httpx.Client(base_url=live.url, timeout=60.0) as c:
         yield c
 
