@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.deps import RuntimeDep
@@ -41,7 +41,11 @@ async def health(http: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "model": runtime.model_id, **runtime.engine.stats()})
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus text exposition format"}},
+)
 async def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus metrics.
 

@@ -30,7 +30,16 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The completion, or with `stream: true` its chunks as server-sent "
         "events ending with `data: [DONE]`",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # Each event: one ``data`` field holding a JSON chunk, or ``[DONE]`` at the end.
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}},
+                    "required": ["data"],
+                }
+            }
+        },
     }
 }
 # How often a non-streaming request checks whether its client is still there.
