@@ -195,10 +195,11 @@ def _tool_format(settings: Any, served: Any) -> str:
     if settings.tool_parser != "auto":
         return settings.tool_parser
     from models.loader import read_json
-    from server.tool_parsers import detect_format
+    from server.text.formats import DEFAULT_TOOL_FORMAT, detect_tool_format
 
     config = read_json(served.loaded.path / "tokenizer_config.json", required=False)
-    return detect_format(_default_template(served), config) or "qwen"
+    vocabulary = served.tokenizer.backend.get_vocab()
+    return detect_tool_format(_default_template(served), config, vocabulary) or DEFAULT_TOOL_FORMAT
 
 
 def _default_runtime(settings: Any) -> Runtime:

@@ -48,7 +48,7 @@ class Runtime:
     settings: Any  # server.settings.Settings
     metrics: Metrics
     fingerprint: str = "fp_moeserve"
-    tool_format: str = "qwen"  # tool-call markup of this model's template (server/tool_parsers.py)
+    tool_format: str = "qwen"  # the tool-call format of its template (server/text/formats)
     chat_template: str | None = None  # the default template's source, for reasoning detection
     grammar: Any = None  # server.engine.grammar.GrammarCompiler, built on first use
     extra: dict[str, Any] = field(default_factory=dict)

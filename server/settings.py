@@ -29,6 +29,7 @@ from pydantic_settings import (
 )
 
 from server.engine.scheduler import SchedulerConfig
+from server.text.formats import TOOL_FORMAT_NAMES
 
 try:  # Python 3.11+
     import tomllib
@@ -50,6 +51,8 @@ _FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("moeserve_file_values")
 
 # A list read from the environment arrives as one string; the before-validator splits it.
 StrList = Annotated[list[str], NoDecode]
+# "auto" or a registered tool-call format (server/text/formats); the flag's choices too.
+ToolParserChoice = Literal[("auto", *TOOL_FORMAT_NAMES)]  # type: ignore[valid-type]
 
 
 class SettingsError(ValueError):
@@ -175,7 +178,7 @@ class Settings(BaseSettings):
         description="seconds between SSE comment lines while a stream waits (e.g. a long prefill)",
     )
 
-    tool_parser: Literal["auto", "qwen", "glm45"] = Field(
+    tool_parser: ToolParserChoice = Field(
         "auto",
         description="tool-call markup to parse and constrain; auto: detected from the chat "
         "template (qwen when the template shows none)",

@@ -41,7 +41,7 @@ from server.engine.events import (
 )
 from server.errors import APIError, error_responses
 from server.protocol import ChatCompletion, ChatCompletionRequest, NamedToolChoice
-from server.reasoning import detect_reasoning
+from server.text.formats import MARKERS, detect_reasoning, tool_format
 from server.tokenizer import TemplateError
 
 router = APIRouter(tags=["chat"], responses=error_responses(400, 401, 404, 413, 429, 500, 503))
@@ -99,22 +99,11 @@ def output_config(
     )
 
 
-# Markup that parsers must see even where a tokenizer declares it a special token (GLM-4.5's
-# tool-call markers are; special tokens are otherwise dropped from the text).
-_MARKERS = (
-    "<tool_call>",
-    "</tool_call>",
-    "<arg_key>",
-    "</arg_key>",
-    "<arg_value>",
-    "</arg_value>",
-    "<think>",
-    "</think>",
-)
-
-
 def kept_special_ids(runtime: Runtime, config: OutputConfig) -> frozenset[int]:
-    """Special token ids whose text this request's parsers need.
+    """Special token ids whose text this request's parsers need (any format's markers).
+
+    GLM-4.5's tool-call markers are special tokens, for instance; special tokens are
+    otherwise dropped from the text.
 
     Args:
         runtime: The runtime.
@@ -126,7 +115,7 @@ def kept_special_ids(runtime: Runtime, config: OutputConfig) -> frozenset[int]:
     if config.tool_format is None and config.reasoning is None:
         return frozenset()
     vocab, special = runtime.vocabulary(), runtime.tokenizer.special_token_ids
-    return frozenset(vocab[m] for m in _MARKERS if m in vocab and vocab[m] in special)
+    return frozenset(vocab[m] for m in MARKERS if m in vocab and vocab[m] in special)
 
 
 async def build_constraint(runtime: Runtime, req: ChatCompletionRequest) -> Any:
@@ -162,7 +151,8 @@ async def build_constraint(runtime: Runtime, req: ChatCompletionRequest) -> Any:
         if forced:
             names = [named] if named else [t["function"]["name"] for t in tools]
             parallel = req.parallel_tool_calls and not named
-            job = (compiler.tool_calls, tools, names, runtime.tool_format, parallel)
+            syntax = tool_format(runtime.tool_format)
+            job = (compiler.tool_calls, tools, names, syntax, parallel)
             return await _compile(job, "tools")
         # Not constrained, but a schema the grammar engine refuses is refused here too, as
         # OpenAI refuses it whatever tool_choice says.

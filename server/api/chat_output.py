@@ -1,8 +1,9 @@
 """Turning one choice's generated text into OpenAI's message fields: content, reasoning, tools.
 
-Text from the engine passes through the reasoning parser (``<think>`` blocks become
-``reasoning_content``) and then, when the request allows tool calls, through the tool-call
-parser of the model's format (markup becomes ``tool_calls``). The same assembler serves both
+Text from the engine passes through the parser of the model's reasoning format (``<think>``
+blocks become ``reasoning_content``) and then, when the request allows tool calls, through
+the parser of the model's tool-call format (markup becomes ``tool_calls``); the formats live
+in ``server/text/formats``. The same assembler serves both
 the streaming path (each delta yields OpenAI ``delta`` dictionaries) and the non-streaming path
 (``message()`` at the end). It knows OpenAI's shapes; it does not know the engine or HTTP.
 """
@@ -12,8 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.reasoning import ReasoningParser
-from server.tool_parsers import ContentDelta, ToolCallArgs, ToolCallStart, make_parser
+from server.text.formats import (
+    ContentDelta,
+    ReasoningFormat,
+    ToolCallArgs,
+    ToolCallStart,
+    reasoning_format,
+    tool_format,
+)
 
 
 @dataclass
@@ -22,7 +29,7 @@ class OutputConfig:
 
     tool_format: str | None = None  # parse tool calls in this format; None: plain text
     single_call: bool = False  # parallel_tool_calls false (or a named function): keep one call
-    reasoning: tuple[str, str, bool] | None = None  # (start, end, starts_inside) markers
+    reasoning: tuple[str, bool] | None = None  # (reasoning format name, starts_inside)
     tools: list[dict[str, Any]] | None = None  # the request's tools (the GLM parser types values)
 
 
@@ -33,16 +40,16 @@ class ChoiceAssembler:
     config: OutputConfig
     content: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
-    _reasoning: ReasoningParser | None = None
+    _reasoning: ReasoningFormat | None = None
     _tools: Any = None
     _started: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.config.reasoning is not None:
-            start, end, inside = self.config.reasoning
-            self._reasoning = ReasoningParser(start=start, end=end, starts_inside=inside)
+            name, inside = self.config.reasoning
+            self._reasoning = reasoning_format(name)(starts_inside=inside)
         if self.config.tool_format is not None:
-            self._tools = make_parser(self.config.tool_format, self.config.tools)
+            self._tools = tool_format(self.config.tool_format)(self.config.tools)
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         """Take newly generated text; return the OpenAI ``delta`` fields it completes.

@@ -19,9 +19,11 @@ model cannot wander off into endless whitespace. A complete grammar allows only 
 text; tool-call markers that are special tokens (GLM-4.5's ``<tool_call>``) are matched as
 those tokens, never spelled out.
 
-It does not parse output back into tool calls (``server/tool_parsers.py``), choose which
-request gets which constraint (the API), fast-forward forced tokens, backtrack, or handle
-speculative drafts.
+The markup of tool calls belongs to each format class (``server/text/formats``): the compiler
+hands it a `GrammarWriter`, whose helpers write literals, markers, JSON-schema sub-rules and
+raw text, and compiles the Lark text the format returns. It does not know any format's
+syntax, parse output back into tool calls (the formats do), choose which request gets which
+constraint (the API), fast-forward forced tokens, backtrack, or handle speculative drafts.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import llguidance
 import mlx.core as mx
@@ -45,8 +47,6 @@ logger = logging.getLogger(__name__)
 
 # JSON layout options for llguidance's schema compiler (see the module docstring).
 _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-MAX_PARALLEL_CALLS = 4  # tool calls in one answer when parallel calls are allowed
-TOOL_CALL_FORMATS = ("qwen", "glm45")
 _MAX_MESSAGE = 600  # characters of an llguidance error kept in a user-facing message
 
 
@@ -60,6 +60,16 @@ class Constraint:
 
     grammar: str  # llguidance grammar text (its JSON form or Lark), as `LLMatcher` takes it
     kind: str  # "json_object" | "json_schema" | "tool_calls"
+
+
+class ToolCallSyntax(Protocol):
+    """What the compiler needs of a tool-call format (``server.text.formats.ToolFormat``)."""
+
+    def grammar(
+        self, g: GrammarWriter, functions: list[tuple[str, dict[str, Any]]], parallel: bool
+    ) -> str:
+        """The Lark grammar of a constrained answer calling some of ``functions``."""
+        ...
 
 
 def _short(message: str, first_line: bool = False) -> str:
@@ -129,9 +139,9 @@ class GrammarCompiler:
         return Constraint(grammar, "json_schema")
 
     def tool_calls(
-        self, tools: list[dict[str, Any]], names: list[str], fmt: str, parallel: bool
+        self, tools: list[dict[str, Any]], names: list[str], fmt: ToolCallSyntax, parallel: bool
     ) -> Constraint:
-        """Tool-call markup in a chat format's syntax, then EOS.
+        """Tool-call markup in a format's syntax, then EOS.
 
         Args:
             tools: OpenAI tool definitions (``{"type": "function", "function": {...}}``; a bare
@@ -139,19 +149,15 @@ class GrammarCompiler:
                 ``parameters`` schema, leniently unless the function says ``"strict": true``.
             names: Functions that may be called (all of them for ``tool_choice: "required"``,
                 one for a named ``tool_choice``).
-            fmt: ``"qwen"`` or ``"glm45"`` (see ``TOOL_CALL_FORMATS``).
-            parallel: One to ``MAX_PARALLEL_CALLS`` calls, separated by a newline; else one.
+            fmt: The format class (``server.text.formats.tool_format(name)``).
+            parallel: Several calls (as many as the format allows); else one.
 
         Returns:
             The constraint.
 
         Raises:
-            GrammarError: Unknown format, no or unknown names, or a schema that cannot compile.
+            GrammarError: No or unknown names, or a schema that cannot compile.
         """
-        if fmt not in TOOL_CALL_FORMATS:
-            raise GrammarError(
-                f"no tool-call grammar for format {fmt!r}; known: {', '.join(TOOL_CALL_FORMATS)}"
-            )
         functions = _functions(tools)
         if not names:
             raise GrammarError("a tool-call constraint needs at least one function name")
@@ -160,7 +166,7 @@ class GrammarCompiler:
             raise GrammarError(f"function {unknown[0]!r} is not among the request's tools")
         chosen = {name: functions[name] for name in names}
         self._check_functions(chosen)  # names the function whose schema fails
-        lark = _ToolCallGrammar(self.tokenizer).build(list(chosen.items()), fmt, parallel)
+        lark = fmt.grammar(GrammarWriter(self.tokenizer), list(chosen.items()), parallel)
         grammar = llguidance.LLMatcher.grammar_from_lark(lark)
         self._prototype(grammar, "")
         return Constraint(grammar, "tool_calls")
@@ -347,7 +353,7 @@ def _fill(matchers: list[Matcher], bitmask: bytearray) -> None:
             m.fail(str(e))
 
 
-# ----- tool-call grammars ---------------------------------------------------------------------
+# ----- helpers for the tool-call grammars of server/text/formats ------------------------------
 
 
 def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -376,41 +382,75 @@ def _regex_text(text: str) -> str:
     return "".join("\\" + c if c in "\\.+*?()|[]{}^$/" else c for c in text)
 
 
-class _ToolCallGrammar:
-    """Writes the Lark grammar of a tool-call answer, one rule list per allowed function.
+class GrammarWriter:
+    """The helpers a tool-call format writes its Lark grammar with; collects the rules.
 
     A markup string that is a special token of the tokenizer is written as that token
     (``<[id]>``), else as text. JSON parts are inline ``%json`` schemas with this module's
-    layout, lenient unless the function says ``"strict": true``.
+    layout, lenient unless asked to be strict.
+
+    Args:
+        tokenizer: The served model's tokenizer (for ``mark``).
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.rules: list[str] = []
 
-    def build(self, functions: list[tuple[str, dict[str, Any]]], fmt: str, parallel: bool) -> str:
-        call = self.qwen if fmt == "qwen" else self.glm45
-        alternatives = [call(i, name, fn) for i, (name, fn) in enumerate(functions)]
-        repeat = f' ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
-        head = ["%llguidance {}", f"start: call{repeat}", "call: " + " | ".join(alternatives)]
-        return "\n".join(head + self.rules) + "\n"
+    def lark(self, head: list[str]) -> str:
+        """The whole grammar: ``head`` (the start rule first), then the collected rules.
+
+        Args:
+            head: Rule lines that come first, ``start: ...`` among them.
+
+        Returns:
+            The grammar text.
+        """
+        return "\n".join(["%llguidance {}", *head, *self.rules]) + "\n"
+
+    def rule(self, name: str, body: str) -> str:
+        """Add the rule ``name: body`` and return ``name``, to use in other rules."""
+        self.rules.append(f"{name}: {body}")
+        return name
+
+    @staticmethod
+    def literal(text: str) -> str:
+        """A Lark string literal matching ``text`` (llguidance reads JSON string escapes)."""
+        return _lit(text)
 
     def mark(self, text: str) -> str:
+        """A marker (``<tool_call>``): its special token if the tokenizer has one, else text."""
         token_id = self.tokenizer.backend.token_to_id(text)
         if token_id is not None and token_id in self.tokenizer.special_token_ids:
             return f"<[{token_id}]>"
         return _lit(text)
 
     def json(self, rule: str, schema: dict[str, Any], lenient: bool) -> str:
+        """A JSON value that follows ``schema``, written in this module's compact layout.
+
+        Args:
+            rule: A rule name, unique in the grammar.
+            schema: The JSON schema.
+            lenient: Ignore keywords llguidance does not implement instead of refusing them.
+
+        Returns:
+            The rule name.
+        """
         options = {**schema.get("x-guidance", {}), **_JSON_LAYOUT, "lenient": lenient}
-        self.rules.append(f"{rule}: %json {json.dumps({**schema, 'x-guidance': options})}")
-        return rule
+        return self.rule(rule, f"%json {json.dumps({**schema, 'x-guidance': options})}")
 
     def raw_until(self, rule: str, close: str, schema: dict[str, Any] | None = None) -> str:
         """Raw text, then the ``close`` marker (the first one ends the text).
 
-        A string schema's ``minLength``/``maxLength`` bound the text; other keywords are not
-        enforced on raw text.
+        Args:
+            rule: A rule name, unique in the grammar (unused when ``close`` is a special
+                token, which can never occur inside text).
+            close: The marker that ends the text.
+            schema: A string schema whose ``minLength``/``maxLength`` bound the text; other
+                keywords are not enforced on raw text.
+
+        Returns:
+            A Lark term for the text and its marker.
         """
         schema = schema or {}
         low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
@@ -420,66 +460,3 @@ class _ToolCallGrammar:
             return f"/{text}/ {closing}"
         self.rules.append(f"{rule}[lazy]: /{text}{_regex_text(close)}/")
         return rule
-
-    def qwen(self, i: int, name: str, fn: dict[str, Any]) -> str:
-        """``<tool_call>`` NL ``{"name": NAME, "arguments": ARGS}`` NL ``</tool_call>``."""
-        head = '\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
-        args = self.json(f"args_{i}", fn["parameters"], not fn.get("strict", False))
-        body = f"{_lit(head)} {args} {_lit(chr(125) + chr(10))}"  # "}\n"
-        self.rules.append(
-            f"call_{i}: {self.mark('<tool_call>')} {body} {self.mark('</tool_call>')}"
-        )
-        return f"call_{i}"
-
-    def glm45(self, i: int, name: str, fn: dict[str, Any]) -> str:
-        """``<tool_call>NAME`` NL, then ``<arg_key>K</arg_key>`` NL ``<arg_value>V</arg_value>`` NL.
-
-        Declared properties come in schema order, required ones mandatory; a string value is
-        raw text, any other its JSON. Without declared properties: any keys, raw values.
-        """
-        params, lenient = fn["parameters"], not fn.get("strict", False)
-        props = params.get("properties")
-        if isinstance(props, dict) and (props or params.get("additionalProperties") is False):
-            required, close_key = params.get("required", ()), self.mark("</arg_key>")
-            pairs = [
-                self.glm45_pair(
-                    f"{_lit(key)} {close_key}",
-                    self.glm45_value(f"v_{i}_{k}", schema, params, lenient),
-                )
-                + ("" if key in required else "?")
-                for k, (key, schema) in enumerate(props.items())
-            ]
-        else:
-            key = self.raw_until(f"k_{i}", "</arg_key>")
-            pairs = [self.glm45_pair(key, self.raw_until(f"v_{i}", "</arg_value>")) + "*"]
-        call = f'{self.mark("<tool_call>")} {_lit(name)} "\\n" {" ".join(pairs)}'
-        self.rules.append(f"call_{i}: {call} {self.mark('</tool_call>')}")
-        return f"call_{i}"
-
-    def glm45_pair(self, key: str, value: str) -> str:
-        return f'({self.mark("<arg_key>")} {key} "\\n" {self.mark("<arg_value>")} {value} "\\n")'
-
-    def glm45_value(self, rule: str, schema: Any, root: dict[str, Any], lenient: bool) -> str:
-        """One argument's value and its ``</arg_value>``."""
-        target = _resolve(schema, root)
-        if isinstance(target, dict) and target.get("type") == "string":
-            choices = target.get("enum") or ([target["const"]] if "const" in target else None)
-            if not choices or not all(isinstance(c, str) for c in choices):
-                return self.raw_until(rule, "</arg_value>", target)
-            return f"({' | '.join(_lit(c) for c in choices)}) {self.mark('</arg_value>')}"
-        sub = dict(schema) if isinstance(schema, dict) else {}
-        for defs in ("$defs", "definitions"):  # keep local $refs resolvable in the sub-schema
-            if defs in root:
-                sub.setdefault(defs, root[defs])
-        return f"{self.json(rule, sub, lenient)} {self.mark('</arg_value>')}"
-
-
-def _resolve(schema: Any, root: dict[str, Any]) -> Any:
-    """Follow one local ``$ref`` (``#/$defs/X``); anything else is returned as is."""
-    ref = schema.get("$ref") if isinstance(schema, dict) else None
-    if not isinstance(ref, str) or not ref.startswith("#/"):
-        return schema
-    node: Any = root
-    for part in ref[2:].split("/"):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node if isinstance(node, dict) else schema

@@ -1,7 +1,8 @@
 """Grammar-constrained decoding on the real tiny demo model (random weights) and the real Engine.
 
 The demo model's text is noise, so whatever structure its constrained output has comes from
-the grammar: the same requests without the constraint are checked to be invalid JSON.
+the grammar: the same requests without the constraint are checked to be invalid JSON. Each
+tool-call format's grammar is tested with the format, in tests/unit/text/formats.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import AddedToken
 
 from models import load
 from server.demo import CheckpointSpec, build_checkpoint
@@ -24,7 +24,10 @@ from server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, Generation
 from server.engine.grammar import Constraint, GrammarCompiler, GrammarError, allowed_mask
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
+from server.text.formats.glm45 import Glm45Format
+from server.text.formats.qwen import QwenFormat
 from server.tokenizer import Tokenizer
+from tests.helpers import validate
 
 SCHEMA = {
     "type": "object",
@@ -61,34 +64,7 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
     {"type": "function", "function": {"name": "get_time"}},  # no parameters: {}
 ]
-TOOL_SCHEMAS = {"get_weather": WEATHER, "get_time": {"type": "object", "maxProperties": 0}}
 SEEDS = range(8)
-
-
-def validate(value, schema: dict) -> None:
-    """A tiny JSON-schema validator for the keywords used in this file (jsonschema is absent)."""
-    if "enum" in schema:
-        assert value in schema["enum"], (value, schema["enum"])
-    kind = schema.get("type")
-    if kind == "object":
-        assert isinstance(value, dict), value
-        props = schema.get("properties", {})
-        assert set(schema.get("required", [])) <= value.keys(), value
-        if schema.get("additionalProperties") is False:
-            assert value.keys() <= props.keys(), value
-        assert len(value) <= schema.get("maxProperties", len(value))
-        for key, item in value.items():
-            if key in props:
-                validate(item, props[key])
-    elif kind == "array":
-        assert isinstance(value, list) and len(value) <= schema.get("maxItems", len(value))
-        for item in value:
-            validate(item, schema["items"])
-    elif kind == "string":
-        assert isinstance(value, str) and len(value) <= schema.get("maxLength", len(value))
-    elif kind == "integer":
-        assert isinstance(value, int) and not isinstance(value, bool), value
-        assert schema.get("minimum", value) <= value <= schema.get("maximum", value), value
 
 
 @pytest.fixture(scope="module")
@@ -186,78 +162,6 @@ def _qwen_calls(text: str) -> list[dict]:
     return calls
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_qwen_tool_calls_follow_names_and_schemas(engine, demo, parallel: bool) -> None:
-    tokenizer = demo[1]
-    names = ["get_weather", "get_time"]
-    constraint = engine.grammar.tool_calls(TOOLS, names, "qwen", parallel)
-    counts = []
-    for (text,), (finish,) in _run(
-        engine, [_request(tokenizer, constraint, seed=s) for s in SEEDS]
-    ):
-        assert finish == "stop", text
-        calls = _qwen_calls(text)
-        counts.append(len(calls))
-        for call in calls:
-            assert list(call) == ["name", "arguments"] and call["name"] in names
-            validate(call["arguments"], TOOL_SCHEMAS[call["name"]])
-    assert counts == [1] * len(SEEDS) if not parallel else max(counts) <= 4
-    named = engine.grammar.tool_calls(TOOLS, ["get_time"], "qwen", False)
-    (text,), _ = _run(engine, [_request(tokenizer, named, seed=0)])[0]
-    assert text == '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
-
-
-GLM_ARG = r"<arg_key>(.*?)</arg_key>\n<arg_value>(.*?)</arg_value>\n"
-GLM_CALL = re.compile(rf"<tool_call>(\w+)\n((?:{GLM_ARG})*)</tool_call>", re.S)
-
-
-def test_glm45_tool_calls_follow_names_and_schemas(engine, demo) -> None:
-    tokenizer = demo[1]
-    constraint = engine.grammar.tool_calls(TOOLS, ["get_weather"], "glm45", False)
-    for (text,), (finish,) in _run(
-        engine, [_request(tokenizer, constraint, seed=s) for s in SEEDS]
-    ):
-        assert finish == "stop", text
-        match = GLM_CALL.fullmatch(text)
-        assert match and match[1] == "get_weather", text
-        args = {}
-        for key, raw in re.findall(GLM_ARG, match[2], re.S):
-            kind = WEATHER["properties"][key]["type"]
-            args[key] = raw if kind == "string" else json.loads(raw)  # strings are written raw
-        validate(args, WEATHER)
-
-
-def test_glm45_markers_that_are_special_tokens_are_used_as_tokens(demo) -> None:
-    backend = demo[1].backend.from_str(demo[1].backend.to_str())
-    markers = [
-        "<tool_call>",
-        "</tool_call>",
-        "<arg_key>",
-        "</arg_key>",
-        "<arg_value>",
-        "</arg_value>",
-    ]
-    backend.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in markers])
-    tokenizer = Tokenizer(backend, eos_token="<|im_end|>")
-    compiler = GrammarCompiler(tokenizer)
-    constraint = compiler.tool_calls(TOOLS, ["get_weather"], "glm45", False)
-    ids = {m: backend.token_to_id(m) for m in markers}
-
-    def tokens(*parts: str) -> list[int]:
-        return [t for p in parts for t in ([ids[p]] if p in ids else tokenizer.encode(p))]
-
-    def pair(key: str, value: str) -> list[str]:
-        return ["<arg_key>", key, "</arg_key>", "\n", "<arg_value>", value, "</arg_value>", "\n"]
-
-    good = tokens("<tool_call>", "get_weather\n", *pair("city", "Paris <b>"), *pair("unit", "f"))
-    good += tokens("</tool_call>")
-    matcher = compiler.matcher(constraint)
-    assert all(matcher.consume(t) for t in good) and matcher.is_done
-    spelled = compiler.matcher(constraint)
-    assert not spelled.consume(tokenizer.encode("<")[0])  # the marker spelled out
-    assert "tool_calls constraint failed" in spelled.error
-
-
 def test_allowed_mask_matches_the_grammar_and_pads_the_vocabulary(demo) -> None:
     compiler = GrammarCompiler(demo[1])
     matcher = compiler.matcher(
@@ -324,14 +228,12 @@ def test_an_uncompilable_constraint_is_refused_at_admission(engine, demo) -> Non
 
 def test_tool_call_errors_name_the_problem(demo) -> None:
     compiler = GrammarCompiler(demo[1])
-    with pytest.raises(GrammarError, match="format 'llama'"):
-        compiler.tool_calls(TOOLS, ["get_time"], "llama", False)
     with pytest.raises(GrammarError, match="'nope' is not among"):
-        compiler.tool_calls(TOOLS, ["nope"], "qwen", False)
+        compiler.tool_calls(TOOLS, ["nope"], QwenFormat, False)
     params = {"type": "object", "properties": {"n": {"type": "bogus"}}}
     bad = [{"type": "function", "function": {"name": "f", "parameters": params}}]
     with pytest.raises(GrammarError, match=r"function 'f'.*bogus"):
-        compiler.tool_calls(bad, ["f"], "glm45", False)
+        compiler.tool_calls(bad, ["f"], Glm45Format, False)
 
 
 def test_unconstrained_rows_are_unchanged_by_constrained_neighbours(demo) -> None:
@@ -363,7 +265,7 @@ def test_grammar_wins_over_min_tokens_and_ignore_eos(engine, demo) -> None:
     # With parallel calls EOS competes with "\n" after each call, so a ban on EOS or a
     # continuation past it would change the output; the grammar alone must decide.
     tokenizer = demo[1]
-    constraint = engine.grammar.tool_calls(TOOLS, ["get_weather", "get_time"], "qwen", True)
+    constraint = engine.grammar.tool_calls(TOOLS, ["get_weather", "get_time"], QwenFormat, True)
     plain = _run(engine, [_request(tokenizer, constraint, seed=s) for s in SEEDS])
     pushy = [
         _request(tokenizer, constraint, seed=s, min_tokens=150, ignore_eos=True) for s in SEEDS

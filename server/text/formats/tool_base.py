@@ -1,7 +1,16 @@
-"""Tool-call parser base: the events a parser emits, the parsed call, and the shared machinery.
+"""The tool-call format base: what a format class declares, the events its parser emits.
 
-Knows how text is held back while it might still become markup and how calls are numbered;
-the formats themselves live in ``qwen.py`` and ``glm45.py``. See the package docstring.
+A format is one class (see the package docstring for the registry). At class level it
+declares its name, its markers, how to recognise it in a chat template (`detect`) and the
+grammar of its markup for constrained decoding (`grammar`, built with the helpers of
+`server.engine.grammar.GrammarWriter`). An instance is the streaming parser for one response:
+text in, `ContentDelta` / `ToolCallStart` / `ToolCallArgs` events out. This module holds the
+machinery every format shares: holding back text that might still become markup, numbering
+calls, turning a malformed call back into content. A subclass writes only its call body
+(`_reset_call`, `_scan`), its detection rule and the grammar of one call (`call_grammar`).
+
+It does not know tokens, sampling, reasoning blocks (removed before this sees the text) or the
+HTTP wire format, and it does not check arguments against the function's parameter schema.
 """
 
 from __future__ import annotations
@@ -9,10 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Container
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # the grammar helpers need llguidance, which parsing does not
+    from server.engine.grammar import GrammarWriter
 
 logger = logging.getLogger(__name__)
+
+MAX_PARALLEL_CALLS = 4  # tool calls in one constrained answer when parallel calls are allowed
 
 
 @dataclass
@@ -51,7 +66,7 @@ class ToolCall:
     arguments: str
 
 
-class _MalformedCallError(Exception):
+class MalformedCallError(Exception):
     """The open call does not follow the format; its text goes back to being content."""
 
 
@@ -71,44 +86,103 @@ def partial_marker_len(text: str, marker: str) -> int:
     return 0
 
 
-def _strict_json(text: str) -> Any:
-    # Python's json accepts NaN and Infinity, which are not JSON; a client's parser would choke.
+def strict_json(text: str) -> Any:
+    """Parse JSON, refusing NaN and Infinity (Python accepts them; a client's parser would not)."""
+
     def reject(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
 
     return json.loads(text, parse_constant=reject)
 
 
-def _skip_ws(text: str, pos: int) -> int:
+def skip_ws(text: str, pos: int) -> int:
+    """The first position at or after `pos` that is not JSON whitespace."""
     while pos < len(text) and text[pos] in " \t\r\n":
         pos += 1
     return pos
 
 
-def _decode(text: str) -> Any:
+def decode(text: str) -> Any:
+    """`strict_json` for a call's parts: invalid JSON makes the call malformed."""
     try:
-        return _strict_json(text)
+        return strict_json(text)
     except ValueError as exc:
-        raise _MalformedCallError(f"invalid JSON {text[:40]!r}: {exc}") from exc
+        raise MalformedCallError(f"invalid JSON {text[:40]!r}: {exc}") from exc
 
 
-class ToolParser:
-    """Turns a stream of generated text into content and tool-call events.
+class ToolFormat:
+    """One tool-call format: its detection, markers and grammar; an instance parses one response.
 
     Call `feed` with each new piece of text and `finish` once at the end; both return the
     events the text decided. Text before, between and after calls is content, except
     whitespace that only separates content from a call or calls from each other (part of the
     markup). A call that turns out unfinished or malformed comes back as content, with all
     of its text; if its `ToolCallStart` was already streamed it is missing from `calls`, and
-    later calls still get new indices. A subclass implements one format's call body.
+    later calls still get new indices.
 
     Args:
-        tools: The request's OpenAI tool definitions (optional; see `Glm45ToolParser`).
+        tools: The request's OpenAI tool definitions (optional; a format may read parameter
+            types from them, as glm45 does).
     """
 
-    format: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # the `tool_parser` setting's value for this format
     START: ClassVar[str] = "<tool_call>"
     END: ClassVar[str] = "</tool_call>"
+    # Markup the parser must see even where a tokenizer declares it a special token (special
+    # tokens are otherwise dropped from the text).
+    MARKERS: ClassVar[tuple[str, ...]] = ("<tool_call>", "</tool_call>")
+    CALL_SEPARATOR: ClassVar[str] = "\n"  # between parallel calls in constrained output
+
+    # --- what the registry and the grammar compiler ask of a format ----------------------------
+
+    @classmethod
+    def detect(cls, template: str, vocabulary: Container[str]) -> bool:
+        """Whether a chat template writes tool calls in this format.
+
+        Args:
+            template: The model's chat template text (all of its named templates joined).
+            vocabulary: Token texts of the model's tokenizer.
+
+        Returns:
+            True when this format is the one the template writes.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def call_grammar(cls, g: GrammarWriter, i: int, name: str, fn: dict[str, Any]) -> str:
+        """Write the Lark rules of one call to function `name` and return the call's rule name.
+
+        Args:
+            g: Collects rules; its helpers write literals, markers, JSON and raw text.
+            i: The function's position among the allowed ones (for unique rule names).
+            name: The function name.
+            fn: The function object, `parameters` defaulted; `strict` asks for strict JSON.
+
+        Returns:
+            The rule (``call_{i}``) that matches one complete call.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def grammar(
+        cls, g: GrammarWriter, functions: list[tuple[str, dict[str, Any]]], parallel: bool
+    ) -> str:
+        """The Lark grammar of a constrained answer: one call (or up to four), then EOS.
+
+        Args:
+            g: A fresh writer for the served tokenizer.
+            functions: (name, function object) of each function that may be called.
+            parallel: One to `MAX_PARALLEL_CALLS` calls, `CALL_SEPARATOR` between them.
+
+        Returns:
+            The grammar text, as ``llguidance.LLMatcher.grammar_from_lark`` takes it.
+        """
+        alternatives = [cls.call_grammar(g, i, name, fn) for i, (name, fn) in enumerate(functions)]
+        separator = g.literal(cls.CALL_SEPARATOR)
+        repeat = f" ({separator} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else ""
+        return g.lark([f"start: call{repeat}", "call: " + " | ".join(alternatives)])
+
+    # --- the streaming parser -------------------------------------------------------------------
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         self._calls: list[ToolCall] = []
@@ -159,8 +233,6 @@ class ToolParser:
             self._run(eof=True)
         return self._take_events()
 
-    # --- the content / call loop ------------------------------------------------------------
-
     def _run(self, eof: bool) -> None:
         # Each step either switches between content and a call (go on) or needs more text.
         progressed = True
@@ -195,14 +267,14 @@ class ToolParser:
             if not self._scan(eof):
                 if not eof:
                     return False
-                raise _MalformedCallError("the stream ended inside the call")
+                raise MalformedCallError("the stream ended inside the call")
             if self._call_index is None:
-                raise _MalformedCallError("no function name")
+                raise MalformedCallError("no function name")
             if not self._call_args:
                 self._args("{}")  # a call without arguments takes none
-            if not isinstance(_decode(self._call_args), dict):
-                raise _MalformedCallError("arguments are not a JSON object")
-        except _MalformedCallError as exc:
+            if not isinstance(decode(self._call_args), dict):
+                raise MalformedCallError("arguments are not a JSON object")
+        except MalformedCallError as exc:
             logger.debug("tool call markup treated as text: %s", exc)
             self._in_call = False
             # The call's text goes back to being content; only its START is known not to be
@@ -253,6 +325,6 @@ class ToolParser:
             True once the call's end markup is consumed, False if more text is needed.
 
         Raises:
-            _MalformedCallError: The text does not follow the format.
+            MalformedCallError: The text does not follow the format.
         """
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""Tests for server/reasoning.py: splitting a stream into reasoning and content."""
+"""Tests for server/text/formats/think.py and reasoning_base.py: reasoning split from content."""
 
 from __future__ import annotations
 
@@ -7,11 +7,23 @@ import random
 
 import pytest
 
-from server.reasoning import ReasoningParser, detect_reasoning
+from server.text.formats import detect_reasoning
+from server.text.formats.reasoning_base import ReasoningFormat
+from server.text.formats.think import ThinkFormat
 
 
-def run(chunks: list[str], **kwargs: object) -> tuple[str, str]:
-    parser = ReasoningParser(**kwargs)  # type: ignore[arg-type]
+class BarThink(ReasoningFormat):
+    """A format with other markers, as the next families bring."""
+
+    name = "bar_think"
+    START = "<|think|>"
+    END = "<|/think|>"
+
+
+def run(
+    chunks: list[str], fmt: type[ReasoningFormat] = ThinkFormat, **kwargs: object
+) -> tuple[str, str]:
+    parser = fmt(**kwargs)  # type: ignore[arg-type]
     reasoning, content = "", ""
     for chunk in [*chunks, None]:
         r, c = parser.feed(chunk) if chunk is not None else parser.finish()
@@ -72,13 +84,13 @@ def test_generation_starting_inside_the_block(text: str, reasoning: str, content
     assert every_chunking_agrees(text, starts_inside=True) == (reasoning, content)
 
 
-def test_custom_markers() -> None:
-    kwargs = {"start": "<|think|>", "end": "<|/think|>"}
-    assert every_chunking_agrees("<|think|>r<|/think|>c", **kwargs) == ("r", "c")
+def test_other_markers() -> None:
+    assert every_chunking_agrees("<|think|>r<|/think|>c", fmt=BarThink) == ("r", "c")
+    assert every_chunking_agrees("<think>r</think>c", fmt=BarThink) == ("", "<think>r</think>c")
 
 
 def test_minimal_hold_back() -> None:
-    parser = ReasoningParser()
+    parser = ThinkFormat()
     assert parser.feed("\n<th") == ("", "")  # could still open a block
     assert parser.feed("ink>abc</") == ("abc", "")
     assert parser.feed("x") == ("</x", "")  # not the closing tag after all
@@ -90,20 +102,23 @@ def test_minimal_hold_back() -> None:
     with pytest.raises(RuntimeError):
         parser.feed("more")
 
-    plain = ReasoningParser()
+    plain = ThinkFormat()
     assert plain.feed("Hello") == ("", "Hello")  # decided at once: no tag can follow
 
 
 def test_in_reasoning_flag() -> None:
-    parser = ReasoningParser(starts_inside=True)
+    parser = ThinkFormat(starts_inside=True)
     assert parser.in_reasoning
     parser.feed("x</think>")
     assert not parser.in_reasoning
 
 
 def test_empty_marker_is_refused() -> None:
-    with pytest.raises(ValueError):
-        ReasoningParser(start="")
+    class Empty(ReasoningFormat):
+        name, START, END = "empty", "", "</x>"
+
+    with pytest.raises(ValueError, match="'empty'"):
+        Empty()
 
 
 QWEN3_LIKE = "{%- if enable_thinking is false %}<think>\n\n</think>\n\n{%- endif %}"
@@ -114,11 +129,11 @@ QWEN3_LIKE = "{%- if enable_thinking is false %}<think>\n\n</think>\n\n{%- endif
     [
         (None, "<|im_start|>assistant\n", {}, None),
         ("{{ messages }}", "<|im_start|>assistant\n<think>\n", {}, None),
-        (None, "<|im_start|>assistant\n", {"<think>": 7}, ("<think>", "</think>", False)),
-        (QWEN3_LIKE, "<|im_start|>assistant\n", {}, ("<think>", "</think>", False)),
-        (QWEN3_LIKE, "assistant\n<think>\n\n</think>\n\n", {}, ("<think>", "</think>", False)),
-        (QWEN3_LIKE, "<|im_start|>assistant\n<think>\n", {}, ("<think>", "</think>", True)),
-        (QWEN3_LIKE, "user: what is <think>?\nassistant\n", {}, ("<think>", "</think>", False)),
+        (None, "<|im_start|>assistant\n", {"<think>": 7}, ("think", False)),
+        (QWEN3_LIKE, "<|im_start|>assistant\n", {}, ("think", False)),
+        (QWEN3_LIKE, "assistant\n<think>\n\n</think>\n\n", {}, ("think", False)),
+        (QWEN3_LIKE, "<|im_start|>assistant\n<think>\n", {}, ("think", True)),
+        (QWEN3_LIKE, "user: what is <think>?\nassistant\n", {}, ("think", False)),
     ],
 )
 def test_detect_reasoning(

@@ -1,17 +1,19 @@
-r"""The "qwen" tool-call format: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``.
+r"""The "qwen" tool-call format: ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``.
 
-Used by Qwen / Hermes-style templates and moeserve's ChatML fallback; the arguments JSON is
-streamed as it is generated.
+Written by Qwen / Hermes-style templates and moeserve's ChatML fallback
+(``server/chat_template.py``). The arguments JSON is streamed as it is generated.
 """
 
 from __future__ import annotations
 
-from server.tool_parsers.base import (
-    ToolParser,
-    _decode,
-    _MalformedCallError,
-    _skip_ws,
-)
+import json
+from collections.abc import Container
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from server.text.formats.tool_base import MalformedCallError, ToolFormat, decode, skip_ws
+
+if TYPE_CHECKING:
+    from server.engine.grammar import GrammarWriter
 
 
 class _ValueScanner:
@@ -54,18 +56,38 @@ class _ValueScanner:
         return len(text), False
 
 
-class QwenToolParser(ToolParser):
+class QwenFormat(ToolFormat):
     """The "qwen" format: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
 
-    The arguments object is streamed character for character as generated, exactly as the
-    model wrote it. Also accepted: "arguments" before "name" (held until the name is known),
+    Detected from a template that writes `<tool_call>` with a JSON object in it (an
+    `"arguments"` key or `tojson`) and not Qwen3-Coder's `<function=...>` XML. The parser
+    streams the arguments object character for character as generated, exactly as the model
+    wrote it. Also accepted: "arguments" before "name" (held until the name is known),
     "parameters" for "arguments", arguments given as a JSON string holding an object
     (decoded), no arguments at all (`{}`), other keys (ignored) and, at the end of the
-    stream only, a closed object whose `</tool_call>` never came.
+    stream only, a closed object whose `</tool_call>` never came. The grammar writes
+    `ARGUMENTS_KEY`.
     """
 
-    format = "qwen"
-    _ARG_KEYS = ("arguments", "parameters")
+    name = "qwen"
+    ARGUMENTS_KEY: ClassVar[str] = "arguments"  # the key constrained output writes
+    _ARG_KEYS: ClassVar[tuple[str, ...]] = ("arguments", "parameters")  # keys the parser reads
+
+    @classmethod
+    def detect(cls, template: str, vocabulary: Container[str]) -> bool:
+        """A template writing `<tool_call>` with a JSON object (see the class docstring)."""
+        if "<tool_call>" not in template or "<function=" in template:
+            return False
+        return '"arguments"' in template or "tojson" in template
+
+    @classmethod
+    def call_grammar(cls, g: GrammarWriter, i: int, name: str, fn: dict[str, Any]) -> str:
+        """``<tool_call>`` NL ``{"name": NAME, "<ARGUMENTS_KEY>": ARGS}`` NL ``</tool_call>``."""
+        key = json.dumps(cls.ARGUMENTS_KEY)
+        head = '\n{"name": ' + json.dumps(name, ensure_ascii=False) + f", {key}: "
+        args = g.json(f"args_{i}", fn["parameters"], not fn.get("strict", False))
+        body = f"{g.literal(head)} {args} {g.literal(chr(125) + chr(10))}"  # "}\n"
+        return g.rule(f"call_{i}", f"{g.mark(cls.START)} {body} {g.mark(cls.END)}")
 
     def _reset_call(self) -> None:
         self._state = "open"
@@ -82,7 +104,7 @@ class QwenToolParser(ToolParser):
                 if not self._read_value():
                     return False
                 continue
-            pos = self._pos = _skip_ws(self._buf, self._pos)
+            pos = self._pos = skip_ws(self._buf, self._pos)
             if self._state == "after":
                 rest = self._buf[pos:]
                 if rest.startswith(self.END):
@@ -94,7 +116,7 @@ class QwenToolParser(ToolParser):
                     # A closed call object is a call even if the stream cut its end tag off.
                     self._pos = len(self._buf)
                     return True
-                raise _MalformedCallError("text between the call object and its end tag")
+                raise MalformedCallError("text between the call object and its end tag")
             if pos == len(self._buf):
                 return False
             self._pos = pos + 1
@@ -115,7 +137,7 @@ class QwenToolParser(ToolParser):
         elif state == "next" and ch == ",":
             self._state = "key"
         else:
-            raise _MalformedCallError(f"unexpected {ch!r} in the call object ({state})")
+            raise MalformedCallError(f"unexpected {ch!r} in the call object ({state})")
 
     def _begin_value(self, pos: int, reading_key: bool) -> None:
         self._value = _ValueScanner()
@@ -141,11 +163,11 @@ class QwenToolParser(ToolParser):
         self._value = None
         text = self._buf[self._value_start : end]
         if self._reading_key:
-            self._key = _decode(text)
+            self._key = decode(text)
             if self._key in self._seen or (
                 self._key in self._ARG_KEYS and self._seen & set(self._ARG_KEYS)
             ):
-                raise _MalformedCallError(f"duplicate key {self._key!r}")
+                raise MalformedCallError(f"duplicate key {self._key!r}")
             self._seen.add(self._key)
             self._state = "colon"
         else:
@@ -154,18 +176,18 @@ class QwenToolParser(ToolParser):
         return True
 
     def _take_member(self, text: str) -> None:
-        value = _decode(text)
+        value = decode(text)
         if self._key == "name":
             if not isinstance(value, str) or not value:
-                raise _MalformedCallError("the function name is not a non-empty string")
+                raise MalformedCallError("the function name is not a non-empty string")
             self._start(value)
             self._args(self._early_args)
         elif self._key in self._ARG_KEYS:
             if isinstance(value, str):  # some models write the arguments as a JSON string
                 text = value
-                value = _decode(text)
+                value = decode(text)
             if not isinstance(value, dict):
-                raise _MalformedCallError("arguments are not a JSON object")
+                raise MalformedCallError("arguments are not a JSON object")
             if self._call_index is None:
                 self._early_args = text
             elif not self._streams_args():
