@@ -7,6 +7,7 @@ tests can pass a ``runtime_factory`` that builds a runtime around a tiny or fake
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -28,29 +29,66 @@ RuntimeFactory = Callable[[Any], Runtime]
 OPEN_PATHS = frozenset({"/health"})  # reachable without an API key (load balancers, Docker)
 
 
+def tenant_id(api_key: str) -> str:
+    """The tenant an API key stands for: a short digest, never the key itself.
+
+    Prompt-cache entries and the session admin routes are scoped to it.
+
+    Args:
+        api_key: An accepted key.
+
+    Returns:
+        16 hex digits.
+    """
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:16]
+
+
 class APIKeyMiddleware:
     """Requires ``Authorization: Bearer <key>`` (or ``api-key``) on every route but /health.
 
     A pure ASGI middleware rather than a route dependency so that it also covers ``/docs``,
     ``/openapi.json`` and unknown paths, and never buffers a streaming response.
+
+    It records who is calling in the request's state, which routes read as
+    ``request.state.tenant`` (``tenant_id`` of the matched key; "" without keys) and
+    ``request.state.admin`` (an ``admin_api_keys`` key, or no keys configured at all).
+
+    Args:
+        app: The wrapped application.
+        keys: Accepted keys; none turns authentication off.
+        admin_keys: Keys that may also see and delete every tenant's sessions (accepted too).
     """
 
-    def __init__(self, app: Any, keys: frozenset[str]) -> None:
-        self.app, self.keys = app, keys
+    def __init__(self, app: Any, keys: frozenset[str], admin_keys: frozenset[str] = frozenset()):
+        self.app = app
+        self.keys = {key.encode("utf-8"): tenant_id(key) for key in keys | admin_keys}
+        self.admin_keys = frozenset(key.encode("utf-8") for key in admin_keys)
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        token = token or headers.get(b"api-key", b"").decode("latin-1")
-        # Constant-time comparison against each key: no timing hint about near misses.
-        return any(hmac.compare_digest(token, key) for key in self.keys)
+    def _match(self, headers: dict[bytes, bytes]) -> bytes | None:
+        # Bytes throughout: a header may hold any byte, and compare_digest refuses non-ASCII
+        # str (a 500 before, for anyone).
+        auth = headers.get(b"authorization", b"")
+        token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+        token = token or headers.get(b"api-key", b"")
+        match = None
+        for key in self.keys:  # constant time per key, and every key compared: no timing hint
+            if hmac.compare_digest(token, key):
+                match = key
+        return match
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         """Pass authorised (or open) requests through; answer 401 otherwise."""
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["method"] == "OPTIONS" or self._authorized(dict(scope["headers"])):
+        state = scope.setdefault("state", {})
+        state["tenant"], state["admin"] = "", not self.keys
+        if not self.keys or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        key = self._match(dict(scope["headers"]))
+        if key is not None:
+            state["tenant"], state["admin"] = self.keys[key], key in self.admin_keys
             await self.app(scope, receive, send)
             return
         err = APIError(
@@ -135,7 +173,11 @@ def create_app(settings: Any, runtime_factory: RuntimeFactory | None = None) -> 
     for module in (chat, completions, models_api, admin):
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware, fastapi_app=app)
-    app.add_middleware(APIKeyMiddleware, keys=settings.all_api_keys())
+    app.add_middleware(
+        APIKeyMiddleware,
+        keys=settings.all_api_keys(),
+        admin_keys=frozenset(settings.admin_api_keys),
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -159,8 +201,6 @@ def model_fingerprint(served: Any, dtype: str | None) -> str:
     Returns:
         A hex digest.
     """
-    import hashlib
-
     from models.loader import weight_files
 
     digest = hashlib.sha256(json.dumps(served.loaded.config, sort_keys=True).encode())
@@ -181,7 +221,7 @@ def _prompt_cache(settings: Any, served: Any) -> Any:
         directory=settings.prompt_cache_dir,
         fingerprint=model_fingerprint(served, settings.resolved_dtype()),
     )
-    return PromptCache(config, save=kv_io.save, load=kv_io.load)
+    return PromptCache(config, encode=kv_io.tensors, load=kv_io.load)
 
 
 def _default_template(served: Any) -> str:

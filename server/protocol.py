@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from server.session_keys import check_key
+
 MAX_STOP = 16  # OpenAI allows 4; vLLM more. Enough for any client, bounded for the matcher.
 # Chat-template variables a request may not set through chat_template_kwargs: the server
 # passes them itself, so a second value would be ambiguous (and a Python TypeError).
@@ -175,8 +177,15 @@ class SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     prompt_cache_key: str | None = None
+    cache_salt: str | None = None  # vLLM's: a prompt-cache pool of its own (prompt_cache.py)
     ignore_eos: bool = False  # extension: benchmarks fix the output length
     min_tokens: int = Field(default=0, ge=0)  # extension
+
+    @field_validator("user", "prompt_cache_key", "cache_salt")
+    @classmethod
+    def _session_key(cls, value: str | None) -> str | None:
+        # They name prompt-cache sessions and files: UTF-8, short, no control characters.
+        return None if value is None else check_key(value)
 
     @field_validator("logit_bias")
     @classmethod

@@ -44,6 +44,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "server.toml"
 _LIST_FLAGS = {
     "model_aliases": "--model-alias",
     "api_keys": "--api-key",
+    "admin_api_keys": "--admin-api-key",
     "cors_origins": "--cors-origin",
 }
 # The TOML values of the load_settings call in progress, read by the lowest-priority source.
@@ -165,6 +166,11 @@ class Settings(BaseSettings):
     api_key_file: Path | None = Field(
         None, description="file of API keys, one per line, # comments; merged with api_keys"
     )
+    admin_api_keys: StrList = Field(
+        [],
+        description="keys that may also list and delete every tenant's cached sessions "
+        "(/v1/sessions); accepted like api_keys",
+    )
     cors_origins: StrList = Field(
         [], description="origins allowed by CORS (* for any); none: CORS off"
     )
@@ -193,12 +199,13 @@ class Settings(BaseSettings):
         3600.0,
         gt=0,
         allow_inf_nan=False,
-        description="drop a cached session unused for this many seconds",
+        description="drop a cached session unused for this many seconds from memory (its "
+        "file in prompt_cache_dir stays)",
     )
     prompt_cache_dir: Path | None = Field(
         None,
-        description="directory where evicted and, at shutdown, all session caches are written "
-        "and found again after a restart; unset: memory only",
+        description="directory where each session's cache is written when its turn finishes "
+        "(in the background) and found again after a restart; unset: memory only",
     )
     cpu_fast_math: bool = Field(
         True,
@@ -226,7 +233,7 @@ class Settings(BaseSettings):
         """Keyword arguments (the CLI) > environment > TOML; no ``.env`` or secrets dirs."""
         return init_settings, env_settings, _FileSource(settings_cls)
 
-    @field_validator("model_aliases", "api_keys", "cors_origins", mode="before")
+    @field_validator("model_aliases", "api_keys", "admin_api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         """Accept a JSON list or a comma-separated string (the environment's spellings)."""
@@ -240,7 +247,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a valid JSON list ({e})") from None
         return [part.strip() for part in text.split(",") if part.strip()]
 
-    @field_validator("model_aliases", "api_keys", "cors_origins")
+    @field_validator("model_aliases", "api_keys", "admin_api_keys", "cors_origins")
     @classmethod
     def _check_items(cls, values: list[str]) -> list[str]:
         """Names, keys and origins are single words; repeats are dropped, order kept."""
@@ -297,12 +304,12 @@ class Settings(BaseSettings):
         return self
 
     def all_api_keys(self) -> frozenset[str]:
-        """The accepted API keys: ``api_keys`` plus those of ``api_key_file``.
+        """The accepted API keys: ``api_keys``, those of ``api_key_file``, ``admin_api_keys``.
 
         Returns:
             The keys; empty means authentication is off.
         """
-        return frozenset(self.api_keys) | self._file_keys
+        return frozenset(self.api_keys) | self._file_keys | frozenset(self.admin_api_keys)
 
     def resolved_dtype(self) -> str | None:
         """The dtype to load weights in, ``auto`` resolved for the current MLX device.

@@ -1,4 +1,8 @@
-"""Operational routes: ``/health``, ``/metrics``, ``/tokenize``, ``/detokenize``."""
+"""Operational routes: ``/health``, ``/metrics``, ``/tokenize``, ``/detokenize``, sessions.
+
+``/v1/sessions`` lists and deletes prompt-cache sessions, scoped to the caller's tenant (its
+API key, as ``APIKeyMiddleware`` records it); an ``admin_api_keys`` key reaches every tenant.
+"""
 
 from __future__ import annotations
 
@@ -111,47 +115,58 @@ def _prompt_cache(runtime):
     return cache
 
 
+def _tenant(http: Request) -> str | None:
+    """Whose sessions the caller may see: its own tenant's, or everyone's for an admin key."""
+    if getattr(http.state, "admin", False):
+        return None
+    return getattr(http.state, "tenant", "")
+
+
 @router.get("/v1/sessions")
-async def list_sessions(runtime: RuntimeDep) -> dict:
-    """List cached sessions: key, tokens, bytes and last use.
+async def list_sessions(runtime: RuntimeDep, http: Request) -> dict:
+    """List the caller's cached sessions (every tenant's for an admin key), in memory or on disk.
 
     Args:
         runtime: The server runtime.
+        http: The HTTP request (its state names the caller's tenant).
 
     Returns:
-        ``{"object": "list", "data": [...], "bytes": total}``.
+        ``{"object": "list", "data": [...], "bytes": total}``: key, scope, tokens, bytes,
+        last use, pinned, persisted; ``bytes`` is the prompt cache's memory in use.
     """
-    cache = _prompt_cache(runtime)
-    data, total = await runtime.engine.call(lambda: (cache.sessions(), cache.nbytes))
+    cache, tenant = _prompt_cache(runtime), _tenant(http)
+    data, total = await runtime.engine.call(lambda: (cache.sessions(tenant), cache.nbytes))
     return {"object": "list", "data": data, "bytes": total}
 
 
 @router.delete("/v1/sessions/{key:path}")
-async def drop_session(key: str, runtime: RuntimeDep) -> dict:
-    """Forget one session's cache.
+async def drop_session(key: str, runtime: RuntimeDep, http: Request) -> dict:
+    """Forget one session's cache (in every pool of the caller's tenant; admin: of all).
 
     Args:
         key: The session key.
         runtime: The server runtime.
+        http: The HTTP request.
 
     Returns:
         ``{"id": key, "deleted": true}``.
     """
-    cache = _prompt_cache(runtime)
-    if not await runtime.engine.call(lambda: cache.drop(key)):
+    cache, tenant = _prompt_cache(runtime), _tenant(http)
+    if not await runtime.engine.call(lambda: cache.drop(key, tenant)):
         raise APIError(404, f"no cached session {key!r}", code="not_found", param="key")
     return {"id": key, "object": "session", "deleted": True}
 
 
 @router.delete("/v1/sessions")
-async def drop_all_sessions(runtime: RuntimeDep) -> dict:
-    """Forget every cached session.
+async def drop_all_sessions(runtime: RuntimeDep, http: Request) -> dict:
+    """Forget every cached entry of the caller's tenant (admin: of every tenant).
 
     Args:
         runtime: The server runtime.
+        http: The HTTP request.
 
     Returns:
         ``{"deleted": count}``.
     """
-    cache = _prompt_cache(runtime)
-    return {"object": "list", "deleted": await runtime.engine.call(cache.clear)}
+    cache, tenant = _prompt_cache(runtime), _tenant(http)
+    return {"object": "list", "deleted": await runtime.engine.call(lambda: cache.clear(tenant))}

@@ -21,6 +21,7 @@ from server.api.chat_output import ChoiceAssembler, OutputConfig
 from server.api.common import (
     STREAM_RESPONSE,
     TokenTimer,
+    cache_scope,
     check_choices,
     collect,
     new_id,
@@ -334,6 +335,7 @@ async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http
         params,
         n=req.n,
         session_key=session_key(req, http),
+        cache_scope=cache_scope(req, http),
         constraint=constraint,
         keep_special_ids=kept_special_ids(runtime, config),
     )

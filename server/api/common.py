@@ -24,6 +24,7 @@ from server.engine.sampling import SamplingParams
 from server.engine.scheduler import ContextLengthError, QueueFullError
 from server.errors import APIError
 from server.protocol import SamplingFields
+from server.session_keys import check_key, scope_of
 
 # OpenAPI: with ``stream: true`` the 200 answer is a server-sent event stream, not JSON.
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
@@ -164,14 +165,41 @@ def check_choices(runtime: Runtime, n: int, prompts: int = 1) -> None:
 def session_key(req: SamplingFields, http: Request) -> str | None:
     """The prompt-cache session: ``prompt_cache_key``, else ``X-Session-ID``, else ``user``.
 
+    The body fields are checked by ``SamplingFields``; the header is checked here, by the
+    same rules (``session_keys.check_key``), read as UTF-8.
+
     Args:
         req: The request body.
         http: The HTTP request (headers).
 
     Returns:
         The key, or None.
+
+    Raises:
+        APIError: 400 for an ``X-Session-ID`` that is not a usable key.
     """
-    return req.prompt_cache_key or http.headers.get("x-session-id") or req.user
+    header = http.headers.get("x-session-id")
+    if header is not None:
+        try:
+            # Starlette decodes headers as latin-1; the key's text is their UTF-8 reading.
+            header = check_key(header.encode("latin-1").decode("utf-8"))
+        except (UnicodeError, ValueError) as e:
+            reason = "must be valid UTF-8" if isinstance(e, UnicodeError) else str(e)
+            raise APIError(400, f"X-Session-ID header: {reason}", param="X-Session-ID") from None
+    return req.prompt_cache_key or header or req.user
+
+
+def cache_scope(req: SamplingFields, http: Request) -> str:
+    """The prompt-cache pool of a request: the caller's tenant, and its ``cache_salt``.
+
+    Args:
+        req: The request body.
+        http: The HTTP request (its state holds the tenant, see ``app.APIKeyMiddleware``).
+
+    Returns:
+        The scope (``session_keys.scope_of``).
+    """
+    return scope_of(getattr(http.state, "tenant", ""), req.cache_salt)
 
 
 async def submit(runtime: Runtime, request: GenerationRequest) -> AsyncIterator[Event]:

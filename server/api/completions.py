@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from server.api.common import (
     STREAM_RESPONSE,
     TokenTimer,
+    cache_scope,
     check_choices,
     collect,
     new_id,
@@ -130,6 +131,7 @@ async def completions(req: CompletionRequest, runtime: RuntimeDep, http: Request
             ),
             n=req.n,
             session_key=session_key(req, http),
+            cache_scope=cache_scope(req, http),
         )
         for p, ids in enumerate(prompts)
     ]

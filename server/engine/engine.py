@@ -6,8 +6,13 @@ its inbox, ``scheduler.schedule()``, ``runner.step(plan)``, ``scheduler.update``
 sampled tokens into text (detokenizer, EOS, stop strings) and post events back to each
 request's event loop. Only plain Python data crosses between the two sides.
 
-If the engine thread dies, every request in flight gets an ``ErrorEvent``, later requests
-are refused with ``EngineDeadError``, and ``healthy`` turns false: nothing hangs.
+Nothing a request carries can stop the engine thread. Per-request work on it (admission,
+grammar matchers, prompt-cache lookup and store, detokenising, stop strings) fails only that
+request: refused at admission (the exception surfaces from ``submit``), or ended with one
+``ErrorEvent`` once running. A prompt-cache lookup that fails is a miss, and a store that
+fails loses only the entry. Only a failure of the batch itself (the model, the runner) stops
+the thread: then every request in flight gets an ``ErrorEvent``, later requests are refused
+with ``EngineDeadError``, and ``healthy`` turns false: nothing hangs.
 
 A request with a ``constraint`` gets one grammar ``Matcher`` per choice at admission. Its rows
 are masked to what the grammar allows, advance the matcher with each sampled token, and stop
@@ -80,6 +85,8 @@ class _Call:
     done: concurrent.futures.Future
 
     def run(self) -> None:
+        if not self.done.set_running_or_notify_cancel():
+            return  # the caller went away (a cancelled future refuses any result)
         try:
             self.done.set_result(self.fn())
         except Exception as e:  # handed to the caller, never kills the engine
@@ -265,11 +272,18 @@ class Engine:
                 if self.scheduler.has_work and not self._stopping:
                     self._step()
             if self.prompt_cache is not None:
-                self.prompt_cache.shutdown()  # persist sessions (when a directory is set)
+                self._persist_at_shutdown()
         except BaseException as e:  # the engine must never die silently
             logger.exception("engine thread died")
             self.error = e  # set before draining the inbox, so generate() cannot miss both
             self._fail_everyone(f"the generation engine failed: {e}")
+
+    def _persist_at_shutdown(self) -> None:
+        """Write the sessions not yet on disk and wait for the writer (a directory is set)."""
+        try:
+            self.prompt_cache.shutdown()
+        except Exception:  # the engine stopped cleanly; only unsaved sessions are lost
+            logger.exception("prompt cache: could not persist sessions at shutdown")
 
     def _drain_inbox(self, block: bool) -> None:
         item = self._inbox.get() if block else self._next_item()
@@ -289,32 +303,61 @@ class Engine:
             return None
 
     def _admit(self, client: _Client, admitted: concurrent.futures.Future) -> None:
+        if not admitted.set_running_or_notify_cancel():
+            return  # the client left while it waited in the inbox
         req = client.request
-        seqs = [Sequence(req.request_id, i, list(req.prompt_ids), req.params) for i in range(req.n)]
-        hit = None
+        hit, queued = None, False
         try:
+            seqs = [
+                Sequence(req.request_id, i, list(req.prompt_ids), req.params) for i in range(req.n)
+            ]
             matchers = [self._matcher(req) for _ in seqs]
-            if self.prompt_cache is not None:
-                hit = self.prompt_cache.lookup(req.session_key, req.prompt_ids)
+            hit = self._lookup(req)
             for seq in seqs:
                 seq.num_cached = hit.length if hit else 0
+            eos = frozenset(self.tokenizer.eos_token_ids) | frozenset(req.params.stop_token_ids)
+            streams = []
+            for seq, matcher in zip(seqs, matchers):
+                row = SamplerRow(req.params, seq.output_ids, seq.prompt_ids, choice=seq.index)
+                stops = StopMatcher(req.params.stop)
+                detok = self.tokenizer.detokenizer(req.keep_special_ids)
+                streams.append(_Stream(seq, client, detok, stops, row, eos, matcher))
             self.scheduler.add(seqs)  # caps num_cached below the prompt length
+            queued = True
+            for seq in seqs:
+                if seq.num_cached:
+                    self.runner.adopt_prefix(seq, kv_io.restore(hit.entry.kv, seq.num_cached))
         except Exception as e:  # refused: the caller raises it as the matching HTTP error
-            if hit is not None:
-                self.prompt_cache.release(hit)
+            if queued:  # its sequences leave (and free runner state) at the next step
+                self.scheduler.abort(req.request_id)
+            self._release(hit)
             admitted.set_exception(e)
             return
         client.hit, client.open_seqs = hit, len(seqs)
-        for seq in seqs:
-            if seq.num_cached:
-                self.runner.adopt_prefix(seq, kv_io.restore(hit.entry.kv, seq.num_cached))
-        eos = frozenset(self.tokenizer.eos_token_ids) | frozenset(req.params.stop_token_ids)
-        for seq, matcher in zip(seqs, matchers):
-            row = SamplerRow(req.params, seq.output_ids, seq.prompt_ids, choice=seq.index)
-            stops = StopMatcher(req.params.stop)
-            detok = self.tokenizer.detokenizer(req.keep_special_ids)
-            self._streams[seq.seq_id] = _Stream(seq, client, detok, stops, row, eos, matcher)
+        for stream in streams:
+            self._streams[stream.seq.seq_id] = stream
         admitted.set_result(None)
+
+    def _lookup(self, request: GenerationRequest) -> Hit | None:
+        """The prompt-cache hit for a request; a lookup that fails is only a miss."""
+        if self.prompt_cache is None:
+            return None
+        try:
+            return self.prompt_cache.lookup(
+                request.cache_scope, request.session_key, request.prompt_ids
+            )
+        except Exception:
+            logger.exception("prompt-cache lookup failed for %s; no reuse", request.request_id)
+            return None
+
+    def _release(self, hit: Hit | None) -> None:
+        """Unpin a prompt-cache hit; a failure there (eviction, a write) costs no request."""
+        if hit is None or self.prompt_cache is None:
+            return
+        try:
+            self.prompt_cache.release(hit)
+        except Exception:
+            logger.exception("prompt-cache release failed")
 
     def _matcher(self, request: GenerationRequest) -> Matcher | None:
         """A fresh grammar matcher for one choice (GrammarError refuses the request)."""
@@ -336,16 +379,17 @@ class Engine:
         self.steps += 1
         changed = self.scheduler.update(plan, {k: v.token for k, v in result.samples.items()})
         for seq in changed:
-            self._on_token(self._streams[seq.seq_id], result.samples[seq.seq_id])
+            stream = self._streams[seq.seq_id]
+            self._guarded(stream, self._on_token, stream, result.samples[seq.seq_id])
         for seq in plan.released:
             stream = self._streams.pop(seq.seq_id, None)
             if stream is None:
                 continue
             if seq.finish_reason is FinishReason.ABORT:
-                self._finish(stream)
+                self._guarded(stream, self._finish, stream)
             stream.client.open_seqs -= 1
-            if stream.client.open_seqs == 0 and stream.client.hit is not None:
-                self.prompt_cache.release(stream.client.hit)
+            if stream.client.open_seqs == 0:
+                self._release(stream.client.hit)
         self._flush_events()
         if self.prompt_cache is not None:
             # Published as a plain int: the metrics scrape reads it from another thread.
@@ -372,9 +416,19 @@ class Engine:
         if seq.is_finished:
             self._finish(stream)
 
+    def _guarded(self, stream: _Stream, fn, *args) -> None:
+        """Run one stream's per-token work; whatever it raises fails only its request."""
+        try:
+            fn(*args)
+        except Exception as e:
+            logger.exception("request %s failed on the engine", stream.client.request.request_id)
+            self._fail_request(stream, f"the request failed while producing output ({e})")
+
     def _fail_request(self, stream: _Stream, message: str) -> None:
         """End one request with an ErrorEvent and abort its choices; the engine goes on."""
         client = stream.client
+        if client.failed:
+            return
         logger.warning("request %s failed: %s", client.request.request_id, message)
         client.failed = True
         client.post([ErrorEvent(message)])
@@ -401,9 +455,13 @@ class Engine:
         caches = self.runner.caches_of(seq.seq_id)
         if not caches or caches[0].offset == 0:
             return
-        kv, nbytes = kv_io.snapshot(caches)
-        tokens = seq.all_ids[: caches[0].offset]
-        self.prompt_cache.store(stream.client.request.session_key, tokens, kv, nbytes)
+        request = stream.client.request
+        try:
+            kv, nbytes = kv_io.snapshot(caches)
+            tokens = seq.all_ids[: caches[0].offset]
+            self.prompt_cache.store(request.cache_scope, request.session_key, tokens, kv, nbytes)
+        except Exception:  # the output is complete; only the next turn's reuse is lost
+            logger.exception("prompt-cache store failed for %s", request.request_id)
 
     def _finish(self, stream: _Stream) -> None:
         """Release held-back text and queue the choice's FinishEvent."""
@@ -449,7 +507,6 @@ class Engine:
             client.post([ErrorEvent(message)])
         self._streams.clear()
         while (item := self._next_item()) is not None:
-            if isinstance(item, tuple):
-                item[1].set_exception(EngineDeadError(message))
-            elif isinstance(item, _Call):
-                item.done.set_exception(EngineDeadError(message))
+            done = item[1] if isinstance(item, tuple) else getattr(item, "done", None)
+            if done is not None and done.set_running_or_notify_cancel():
+                done.set_exception(EngineDeadError(message))

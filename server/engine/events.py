@@ -21,6 +21,7 @@ class GenerationRequest:
     params: SamplingParams
     n: int = 1  # independent choices, batched together
     session_key: str | None = None  # prompt-cache session (prompt_cache_key, X-Session-ID, user)
+    cache_scope: str = ""  # prompt-cache pool: tenant (+ cache_salt), see session_keys.scope_of
     constraint: Constraint | None = None  # grammar every choice must follow (GrammarCompiler)
     keep_special_ids: frozenset[int] = frozenset()  # special tokens whose text the output keeps
 

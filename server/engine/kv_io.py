@@ -1,18 +1,20 @@
 """Moving KV caches between the runner and the prompt cache, in memory and on disk.
 
-Knows the runner's per-layer ``KVCache`` objects and the prompt cache's plain per-layer
-``(keys, values)`` lists, and the safetensors file format used for persistence. Runs on the
+Knows the runner's per-layer ``KVCache`` objects, the prompt cache's per-layer
+``(keys, values)`` lists, and how their files are named inside (``keys.<i>``, ``values.<i>``):
+``tensors`` copies an entry out as plain bytes for the background writer
+(``server/prompt_cache_disk.py``), ``load`` reads a file back with ``mx.load``. Runs on the
 engine thread only.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 
 from models.cache import KVCache
+from server.prompt_cache_disk import Tensor
 
 KV = list[tuple[mx.array, mx.array]]
 
@@ -47,20 +49,42 @@ def restore(kv: KV, length: int) -> list[KVCache]:
     return [KVCache.from_state(k[:, :, :length], v[:, :, :length]) for k, v in kv]
 
 
-def save(path: Path, entry: Any, metadata: dict[str, str]) -> None:
-    """Write an entry's KV (and metadata) as safetensors.
+# MLX dtypes a KV cache may hold, by their safetensors names.
+_SAFETENSORS_DTYPES = {
+    mx.float32: "F32",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+}
+
+
+def tensors(kv: KV) -> dict[str, Tensor]:
+    """Turn an entry's KV into plain bytes for the prompt cache's background writer.
+
+    Runs on the engine thread: the writer thread must never touch an ``mx.array``, so the
+    data is copied out here.
 
     Args:
-        path: Destination file.
-        entry: A ``server.prompt_cache.Entry`` with ``kv`` loaded.
-        metadata: String metadata (tokens, fingerprint, session).
+        kv: Per-layer keys/values.
+
+    Returns:
+        ``keys.<i>`` / ``values.<i>`` -> ``(dtype, shape, data)``, as ``load`` reads them.
+
+    Raises:
+        ValueError: A dtype safetensors has no name for here.
     """
-    arrays = {}
-    for i, (k, v) in enumerate(entry.kv):
-        arrays[f"keys.{i}"], arrays[f"values.{i}"] = k, v
-    tmp = path.with_name("." + path.name)  # hidden: the prompt cache's index skips dotfiles
-    mx.save_safetensors(str(tmp), arrays, metadata=metadata)
-    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated cache file
+    out: dict[str, Tensor] = {}
+    for i, (k, v) in enumerate(kv):
+        for name, array in ((f"keys.{i}", k), (f"values.{i}", v)):
+            if array.dtype not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"cannot persist a {array.dtype} KV cache")
+            array = mx.contiguous(array)
+            mx.eval(array)
+            out[name] = (
+                _SAFETENSORS_DTYPES[array.dtype],
+                list(array.shape),
+                bytes(memoryview(array)),
+            )
+    return out
 
 
 def load(path: Path) -> tuple[list[int], KV, int, dict[str, str]]:

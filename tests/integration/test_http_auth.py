@@ -111,3 +111,18 @@ def test_key_file(key_file_server, method, path, body):
     for key in ("file-key-1", "file-key-2"):
         r = _call(url, method, path, body, {"Authorization": f"Bearer {key}"})
         assert r.status_code == 200, (path, r.text)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": "Bearer clé".encode()},
+        {"Authorization": b"Bearer \xff\xfe"},
+        {"api-key": "k1é".encode()},
+        {"Authorization": b"Bearer k1" + "é".encode()},
+    ],
+)
+def test_non_ascii_key_gets_401(keyed, headers):
+    # compare_digest on a non-ASCII str raised: a 500 for anyone, no valid key needed.
+    _assert_401(_call(keyed.url, "GET", "/v1/models", None, headers))
+    assert _call(keyed.url, "GET", "/health", None, {}).status_code == 200

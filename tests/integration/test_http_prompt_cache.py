@@ -9,6 +9,9 @@ expected reuse of turn k is then exactly the tokens of turn k-1's prompt plus it
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -46,7 +49,7 @@ def _turn(http, messages, session, bias, **extra) -> dict:
 def _conversation(http, session, bias, turns, system="You are a terse assistant."):
     """Run a chat; return (cached_tokens per turn, expected per turn, replies)."""
     messages = [{"role": "system", "content": system}]
-    cached, expected, replies = [], [], []
+    cached, expected, replies = [], [], []  # session None: keyless (the anonymous pool)
     previous = 0
     for k in range(turns):
         messages.append({"role": "user", "content": f"Question number {k}: how is the weather?"})
@@ -88,8 +91,13 @@ def test_sessions_sharing_a_system_prompt_stay_isolated(server, tiny_model) -> N
         )
         a_cached, a_expected, _ = _conversation(http, "iso-a", bias, 3, system)
         b_cached, b_expected, _ = _conversation(http, "iso-b", bias, 3, system)
-        # b's first turn finds a's shared prefix (system prompt) but nothing of a's turns.
-        assert system_len <= b_cached[0] < a_expected[1]
+        # Sessions never read each other's entries, not even the shared system prompt.
+        assert b_cached[0] == 0
+        # A keyless request puts the system prompt in the shared pool; a new session's first
+        # turn reuses it, and still nothing of a's or b's turns.
+        _conversation(http, None, bias, 1, system)
+        c_cached, _, _ = _conversation(http, "iso-c", bias, 1, system)
+        assert system_len <= c_cached[0] < a_expected[1]
         assert b_cached[1:] == b_expected[1:] and a_cached[1:] == a_expected[1:]
         listed = {s["key"] for s in http.get("/v1/sessions").json()["data"]}
         assert {"iso-a", "iso-b"} <= listed
@@ -140,6 +148,42 @@ def test_persisted_sessions_survive_a_restart(start_server, tiny_model, tmp_path
             {"role": "user", "content": "And now?"},
         ]
         after = _turn(http, messages, "durable", bias)
+    assert after["usage"]["prompt_tokens_details"]["cached_tokens"] == expected
+
+
+def _wait_for_files(store: Path, timeout: float = 30.0) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while not (files := list(store.glob("*.safetensors"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return files
+
+
+def test_finished_turns_survive_kill_9(start_server, tiny_model, tmp_path) -> None:
+    # Sessions used to reach the disk only on eviction or a graceful shutdown.
+    store = tmp_path / "sessions"
+    flags = ("--prompt-cache-dir", str(store), "--model-alias", "tiny", "--max-model-len", "512")
+    first = start_server(*flags)
+    with httpx.Client(base_url=first.url, timeout=60) as http:
+        bias = _forced_reply_bias(http, _eos(tiny_model))
+        messages = [{"role": "user", "content": "Keep this even if the power goes out."}]
+        reply = _turn(http, messages, "crash-safe", bias)["choices"][0]["message"]["content"]
+        expected = len(_ids(http, messages=messages)) + len(_ids(http, prompt=reply))
+    assert _wait_for_files(store), "the finished turn was not written in the background"
+    os.killpg(first.process.pid, signal.SIGKILL)  # no shutdown, no flush
+    first.process.wait(30)
+    stale = [store / ".0123abcd.safetensors.tmp", store / ".4567.safetensors"]
+    for path in stale:  # what a write torn by a crash leaves
+        path.write_bytes(b"\x10\x00\x00\x00")
+    second = start_server(*flags)
+    assert not any(path.exists() for path in stale), "stale temporary files were kept"
+    with httpx.Client(base_url=second.url, timeout=60) as http:
+        [row] = http.get("/v1/sessions").json()["data"]  # on disk only, listed all the same
+        assert (row["key"], row["persisted"], row["tokens"]) == ("crash-safe", True, expected)
+        messages += [
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "Still there?"},
+        ]
+        after = _turn(http, messages, "crash-safe", bias)
     assert after["usage"]["prompt_tokens_details"]["cached_tokens"] == expected
 
 

@@ -4,7 +4,9 @@ The default server keeps the prompt cache on (``prompt_cache = true``). A reques
 ``prompt_cache_key``, else the ``X-Session-ID`` header, else ``user``; ``GET /v1/sessions``
 shows which key a request was stored under. How much was reused is read from
 ``usage.prompt_tokens_details.cached_tokens`` and checked against common token prefixes
-computed from ``/tokenize``.
+computed from ``/tokenize``. A session reuses only its own entries and the anonymous pool
+(requests without a key); ``cache_salt`` gives a request a pool of its own; keys are checked
+at the boundary.
 """
 
 from __future__ import annotations
@@ -86,20 +88,104 @@ def test_next_turn_reuses_the_session(client):
     assert cold["choices"] == second["choices"]
 
 
-def test_own_session_is_tried_first(client):
+def _cached(out: dict) -> int:
+    return out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_sessions_are_isolated(client):
     alpha = [{"role": "user", "content": "alpha " * 20}]
     beta = [{"role": "user", "content": "beta " * 20}]
     _chat(client, alpha, prompt_cache_key="s-alpha")
     _chat(client, beta, prompt_cache_key="s-beta")
     follow = [*beta, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
-    # No key: the longest prefix anywhere (beta's conversation).
-    anonymous = _chat(client, follow)["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert anonymous >= _common(_tokens(client, beta), _tokens(client, follow))
-    # Keyed to alpha: alpha's own entry is used, sharing only the template's opening.
+    # Keyed to alpha: alpha's own entry, sharing only the template's opening.
     keyed = _chat(client, follow, prompt_cache_key="s-alpha")
-    expected = _common(_tokens(client, alpha), _tokens(client, follow))
-    assert keyed["usage"]["prompt_tokens_details"]["cached_tokens"] == expected
-    assert expected < anonymous
+    assert _cached(keyed) == _common(_tokens(client, alpha), _tokens(client, follow))
+    # No key: only the anonymous pool, which holds nothing yet; never beta's conversation.
+    assert _cached(_chat(client, follow)) == 0
+    # Keyed to beta: its own conversation.
+    own = _chat(client, follow, prompt_cache_key="s-beta")
+    assert _cached(own) >= _common(_tokens(client, beta), _tokens(client, follow))
+
+
+def test_anonymous_pool_is_shared_and_keyed_requests_may_read_it(client):
+    system = {"role": "system", "content": "Shared instructions for every caller. " * 6}
+    first = [system, {"role": "user", "content": "one"}]
+    second = [system, {"role": "user", "content": "two"}]
+    shared = _common(_tokens(client, first), _tokens(client, second))
+    _chat(client, first)
+    assert _cached(_chat(client, second)) >= shared
+    assert _cached(_chat(client, second, prompt_cache_key="new-session")) >= shared
+
+
+def _completion(client, prompt: str, **body) -> dict:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0, **body}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_another_session_cannot_guess_a_prompt_from_cached_tokens(client):
+    # The oracle: a miss used to fall back to the longest prefix of *every* session, and
+    # cached_tokens told the prober how far its guess matched someone else's prompt.
+    secret = "Account notes. The vault code is 7"
+    _completion(client, secret + " and nothing else.", prompt_cache_key="victim")
+    # Each probe is a fresh session (its own entry cannot answer), so only the victim's
+    # entry could: it must never be read.
+    for field in ("prompt_cache_key", "user"):
+        cached = [
+            _cached(
+                _completion(
+                    client, f"Account notes. The vault code is {d}", **{field: f"probe-{field}-{d}"}
+                )
+            )
+            for d in "0123456789"
+        ]
+        assert cached == [0] * 10, (field, cached)
+    assert _cached(_completion(client, secret)) == 0  # no key: the (empty) anonymous pool
+    assert _cached(_completion(client, secret, prompt_cache_key="victim")) > 0
+
+
+def test_cache_salt_separates_pools(client):
+    messages = [{"role": "user", "content": "salted prompt " * 10}]
+    _chat(client, messages, prompt_cache_key="salty", cache_salt="s1")
+    assert _cached(_chat(client, messages, prompt_cache_key="salty")) == 0
+    assert _cached(_chat(client, messages, prompt_cache_key="salty", cache_salt="s2")) == 0
+    assert _cached(_chat(client, messages, prompt_cache_key="salty", cache_salt="s1")) > 0
+    _chat(client, messages, cache_salt="s3")  # the salted anonymous pool is its own too
+    assert _cached(_chat(client, messages)) == 0
+    assert _cached(_chat(client, messages, cache_salt="s3")) > 0
+
+
+def _assert_400(r: httpx.Response, param: str) -> None:
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+@pytest.mark.parametrize("field", ["prompt_cache_key", "user", "cache_salt"])
+def test_bad_session_keys_are_refused(client, field):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for bad in ("a\x00b", "tab\there", "k" * 257):
+        _assert_400(client.post(CHAT, json={**body, field: bad}), field)
+    raw = f'{{"model": "tiny", "prompt": "x", "max_tokens": 2, "{field}": "\\ud800"}}'
+    r = client.post(
+        "/v1/completions", content=raw.encode(), headers={"content-type": "application/json"}
+    )
+    _assert_400(r, field)
+    ok = client.post(CHAT, json={**body, field: "é日本 ok" + "k" * 200})
+    assert ok.status_code == 200, ok.text
+    assert client.get("/v1/sessions").status_code == 200
+
+
+def test_bad_session_header_is_refused(client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    # A surrogate in UTF-8's form (not valid UTF-8), a stray byte, an overlong key.
+    for value in (b"\xed\xa0\x80", b"abc\xff", b"k" * 257):
+        _assert_400(client.post(CHAT, json=body, headers={"X-Session-ID": value}), "X-Session-ID")
+    r = client.post(CHAT, json=body, headers={"X-Session-ID": "café".encode()})
+    assert r.status_code == 200, r.text
+    assert "café" in _keys(client)
 
 
 def test_delete_one_session(client):

@@ -311,12 +311,165 @@ def test_prompt_cache_reuse_is_exact_and_reported(demo) -> None:
             assert warm_finish[0].cached_tokens == expected
             previous_len = len(history) + len(warm_ids[0])
             history = history + warm_ids[0] + tokenizer.encode(f" and then turn {turn}")
-        # Another session sharing the system-prompt-like prefix reuses it, output unchanged.
+        # Another session sharing that prefix never reads chat-1's entries...
         other = _request(prompt + tokenizer.encode(" something else"), **params)
         other.session_key = "chat-2"
         _, ids, finish = asyncio.run(_collect(warm, other))
         _, cold_ids, _ = asyncio.run(_collect(cold, _request(other.prompt_ids, **params)))
+        assert ids == cold_ids and finish[0].cached_tokens == 0
+        # ...but reuses what a keyless request left in the shared pool, output unchanged.
+        asyncio.run(_collect(warm, _request(prompt, **params)))
+        third = _request(prompt + tokenizer.encode(" a third thing"), **params)
+        third.session_key = "chat-3"
+        _, ids, finish = asyncio.run(_collect(warm, third))
+        _, cold_ids, _ = asyncio.run(_collect(cold, _request(third.prompt_ids, **params)))
         assert ids == cold_ids and finish[0].cached_tokens >= len(prompt) - 1
+        # And another tenant's request sees none of it.
+        foreign = _request(third.prompt_ids, **params)
+        foreign.session_key, foreign.cache_scope = "chat-3", "another-tenant"
+        assert asyncio.run(_collect(warm, foreign))[2][0].cached_tokens == 0
     finally:
         cold.shutdown()
         warm.shutdown()
+
+
+class _TextBreaks:
+    """A tokenizer whose streaming detokenizer raises for requests keeping token id -1."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def detokenizer(self, keep=frozenset()):
+        detok = self._tokenizer.detokenizer(keep - {-1})
+        if -1 in keep:
+            detok.add = lambda token: 1 / 0  # as a tokenizer bug on odd input would
+        return detok
+
+
+def test_a_failure_in_one_requests_output_fails_only_that_request(demo) -> None:
+    model, tokenizer, _ = demo
+    engine = Engine(model, _TextBreaks(tokenizer), SchedulerConfig(max_model_len=512))
+    engine.start()
+    prompt = _prompts(tokenizer)[3]
+    params = {"temperature": 0.0, "max_tokens": 12, "ignore_eos": True}
+
+    async def both():
+        bad = _request(prompt, **params)
+        bad.keep_special_ids = frozenset({-1})
+        good = _request(prompt, **params)
+        return await asyncio.gather(
+            _collect(engine, bad), _collect(engine, good), return_exceptions=True
+        )
+
+    try:
+        failed, (_, ids, finish) = asyncio.run(both())
+        assert engine.healthy  # the engine thread survived it
+    finally:
+        engine.shutdown()
+    assert isinstance(failed, AssertionError) and "division by zero" in str(failed)
+    assert len(ids[0]) == 12 and finish[0].finish_reason == "length"
+
+
+def test_callers_that_leave_before_their_turn_are_skipped(demo) -> None:
+    import concurrent.futures
+
+    from server.engine.engine import _Call, _Client
+
+    model, tokenizer, _ = demo
+    engine = Engine(model, tokenizer, SchedulerConfig(max_model_len=512))
+    engine.start()
+    prompt = _prompts(tokenizer)[1]
+    try:
+
+        async def leave_early():
+            # What a disconnect does to a request (or an admin call) still in the inbox:
+            # its future is cancelled, and a cancelled future refuses a result.
+            loop = asyncio.get_running_loop()
+            client = _Client(_request(prompt, max_tokens=2), loop, asyncio.Queue(), 1)
+            for item in ((client, concurrent.futures.Future()), _Call(dict, None)):
+                done = item[1] if isinstance(item, tuple) else concurrent.futures.Future()
+                if isinstance(item, _Call):
+                    item.done = done
+                done.cancel()
+                engine._inbox.put(item)
+            return await _collect(engine, _request(prompt, max_tokens=2))
+
+        _, ids, _ = asyncio.run(leave_early())
+        assert engine.healthy and len(ids[0]) == 2
+    finally:
+        engine.shutdown()
+
+
+class _BrokenCache:
+    """A prompt cache whose every operation raises, as a disk or encoding failure would."""
+
+    def __init__(self, fail_lookup: bool = False) -> None:
+        self.fail_lookup = fail_lookup
+        self.nbytes = 0
+
+    def lookup(self, scope, session, tokens):
+        if self.fail_lookup:
+            raise OSError("disk gone")
+        from server.prompt_cache import Entry, Hit
+
+        entry = Entry(session or "", list(tokens), [("not", "arrays")], 0, 0.0)
+        return Hit(entry, len(tokens))  # restoring this KV fails
+
+    def store(self, *args):
+        raise OSError("disk gone")
+
+    def release(self, hit):
+        raise OSError("disk gone")
+
+    def shutdown(self):
+        raise OSError("disk gone")
+
+
+def test_prompt_cache_failures_never_stop_the_engine(demo, tmp_path) -> None:
+    from server.engine import kv_io
+    from server.prompt_cache import PromptCache, PromptCacheConfig
+
+    model, tokenizer, _ = demo
+    prompt = _prompts(tokenizer)[2]
+    params = {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True}
+    config = SchedulerConfig(max_model_len=512)
+    # A lookup that fails is a miss; a store that fails loses only the entry.
+    engine = Engine(model, tokenizer, config, prompt_cache=_BrokenCache(fail_lookup=True))
+    engine.start()
+    try:
+        for _ in range(2):
+            assert (
+                asyncio.run(_collect(engine, _request(prompt, **params)))[2][0].cached_tokens == 0
+            )
+        assert engine.healthy
+    finally:
+        engine.shutdown()
+    assert engine.error is None
+    # A hit that cannot be restored refuses its request at admission, and only it.
+    engine = Engine(model, tokenizer, config, prompt_cache=_BrokenCache())
+    engine.start()
+    try:
+        with pytest.raises(TypeError):
+            asyncio.run(_collect(engine, _request(prompt, **params)))
+        assert engine.healthy and engine.stats()["running"] == 0
+    finally:
+        engine.shutdown()
+    # A key no file name could take (a lone surrogate) is stored and persisted.
+    directory = tmp_path / "sessions"
+    cache = PromptCache(
+        PromptCacheConfig(directory=directory), encode=kv_io.tensors, load=kv_io.load
+    )
+    engine = Engine(model, tokenizer, config, prompt_cache=cache)
+    engine.start()
+    try:
+        for _ in range(2):
+            request = _request(prompt, **params)
+            request.session_key = "\ud800"
+            asyncio.run(_collect(engine, request))
+        assert engine.healthy
+    finally:
+        engine.shutdown()
+    assert len(list(directory.glob("*.safetensors"))) == 1

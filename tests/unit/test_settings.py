@@ -219,6 +219,12 @@ def test_api_key_file_errors(tmp_path: Path, content: str | None, reason: str) -
     assert info.value.settings == ("api_key_file",)
 
 
+def test_admin_api_keys_are_accepted_keys(tmp_path: Path) -> None:
+    settings = load_settings(write_toml(tmp_path), api_keys="k1", admin_api_keys="root1,root2")
+    assert settings.admin_api_keys == ["root1", "root2"]
+    assert settings.all_api_keys() == frozenset({"k1", "root1", "root2"})
+
+
 # --- every bad value names its setting ------------------------------------------------------
 
 BAD_VALUES: dict[str, list[Any]] = {
@@ -236,6 +242,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "default_max_tokens": [0],
     "max_n": [0],
     "api_keys": [["a b"]],
+    "admin_api_keys": [["a b"]],
     "api_key_file": ["/nonexistent/moeserve/keys"],
     "cors_origins": [["example.com"]],
     "log_level": ["loud"],
