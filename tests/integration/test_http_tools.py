@@ -322,6 +322,25 @@ def test_tool_results_go_back_through_the_template(http):
     _check_calls(with_tools["choices"][0], {"get_weather"})
 
 
+def test_a_tool_parser_setting_picks_the_markup_constrained_and_parsed(start_server, sse):
+    """``--tool-parser hermes_parameters``: its grammar writes the markup, its parser reads it."""
+    flags = ("--model-alias", "tiny", "--max-model-len", "4096")
+    live = start_server(*flags, "--tool-parser", "hermes_parameters")
+    body = {"model": "tiny", "messages": USER, "max_tokens": 160, "tools": TOOLS}
+    body.update(tool_choice=NAMED, temperature=0, logprobs=True)
+    with httpx.Client(base_url=live.url, timeout=60.0) as http:
+        for seed in SEEDS[:3]:
+            _calls(http, seed, tool_choice="required")
+        [choice] = _chat(http, **body)["choices"]
+        expected = _check_calls(choice, {"get_weather"})
+        raw = "".join(t["token"] for t in choice["logprobs"]["content"])
+        assert raw.startswith('<tool_call>\n{"name": "get_weather", "parameters": {'), raw
+        calls = _streamed_calls(sse(http, CHAT, body))
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (e["function"]["name"], e["function"]["arguments"]) for e in expected
+    ]
+
+
 BAD_TOOL = {"type": "function", "function": {"name": "f", "parameters": LOOKBEHIND}}
 UNKNOWN = {"type": "function", "function": {"name": "nope"}}
 

@@ -20,6 +20,7 @@ from collections.abc import Container
 from typing import Any
 
 from server.text.formats.glm45 import Glm45Format
+from server.text.formats.hermes_parameters import HermesParametersFormat
 from server.text.formats.qwen import QwenFormat
 from server.text.formats.reasoning_base import ReasoningFormat
 from server.text.formats.think import ThinkFormat
@@ -58,6 +59,7 @@ __all__ = [
 # Detection order: the first format whose `detect` accepts the template wins.
 TOOL_FORMATS: tuple[type[ToolFormat], ...] = (
     Glm45Format,
+    HermesParametersFormat,  # before qwen, whose rule ("tojson") also matches its templates
     QwenFormat,
 )
 REASONING_FORMATS: tuple[type[ReasoningFormat], ...] = (ThinkFormat,)
