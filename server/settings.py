@@ -183,6 +183,11 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="seconds between SSE comment lines while a stream waits (e.g. a long prefill)",
     )
+    max_request_bytes: int = Field(
+        8 * 1024**2,
+        ge=1,
+        description="largest request body in bytes; a larger one gets HTTP 413 before it is read",
+    )
 
     tool_parser: ToolParserChoice = Field(
         "auto",

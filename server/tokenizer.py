@@ -165,7 +165,10 @@ class Tokenizer:
         Returns:
             The token ids.
         """
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # The batch entry point releases the GIL while it works (``encode`` holds it: seconds
+        # for a megabyte), so a long prompt tokenised in a worker thread leaves the event
+        # loop and the engine thread running.
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Turn token ids into text.

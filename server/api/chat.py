@@ -23,6 +23,7 @@ from server.api.common import (
     TokenTimer,
     cache_scope,
     check_choices,
+    check_prompt_bytes,
     collect,
     new_id,
     sampling_params,
@@ -51,6 +52,9 @@ router = APIRouter(tags=["chat"], responses=error_responses(400, 401, 404, 413, 
 def render_prompt(runtime: Runtime, req: ChatCompletionRequest) -> tuple[list[int], str]:
     """Apply the model's chat template (tools included) and tokenise.
 
+    Slow for a long conversation (tokenising a megabyte takes about a second): call it off
+    the event loop. A text that cannot fit in the context is refused before tokenising.
+
     Args:
         runtime: The runtime.
         req: The request.
@@ -59,7 +63,8 @@ def render_prompt(runtime: Runtime, req: ChatCompletionRequest) -> tuple[list[in
         Prompt token ids and the rendered text.
 
     Raises:
-        APIError: 400 when the template rejects the conversation.
+        APIError: 400 when the template rejects the conversation, or when the rendered text
+            is too long in bytes for the context (``context_length_exceeded``).
     """
     try:
         text = runtime.tokenizer.apply_chat_template(
@@ -70,6 +75,7 @@ def render_prompt(runtime: Runtime, req: ChatCompletionRequest) -> tuple[list[in
         )
     except TemplateError as e:
         raise APIError(400, str(e), param="messages") from e
+    check_prompt_bytes(runtime, text)
     return runtime.tokenizer.encode(text, add_special_tokens=False), text
 
 
@@ -317,7 +323,7 @@ async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http
     """
     runtime.check_model(req.model)
     check_choices(runtime, req.n)
-    prompt, prompt_text = render_prompt(runtime, req)
+    prompt, prompt_text = await asyncio.to_thread(render_prompt, runtime, req)
     params = sampling_params(
         req,
         runtime,

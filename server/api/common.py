@@ -9,6 +9,7 @@ error shapes; knows nothing about chat templates or response formats.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -77,6 +78,95 @@ def context_error(prompt: int, completion: int, limit: int, param: str = "messag
             "the messages or completion", "your prompt or completion"
         )
     return APIError(400, message, code="context_length_exceeded", param=param)
+
+
+# How many times shorter (in UTF-8 bytes) a tokenizer normalizer can make a text. A Unicode
+# normal form at most 4 (NFKC maps U+1D400, 4 bytes, to "A"); one that can delete text
+# (Strip, StripAccents, BertNormalizer, Precompiled...) has no bound and is left out.
+_SHRINK = {"NFC": 4.0, "NFD": 4.0, "NFKC": 4.0, "NFKD": 4.0, "Lowercase": 1.5, "Prepend": 1.0}
+
+
+def _shrink(spec: dict[str, Any] | None) -> float | None:
+    """The most a normalizer (its JSON form) shrinks text, or None when it is unbounded."""
+    if spec is None:
+        return 1.0
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factor = 1.0
+        for part in spec.get("normalizers", []):
+            one = _shrink(part)
+            if one is None:
+                return None
+            factor *= one
+        return factor
+    if kind == "Replace" and isinstance(spec.get("pattern"), dict):
+        old = str(spec["pattern"].get("String", "")).encode()
+        new = str(spec.get("content", "")).encode()
+        return max(1.0, len(old) / len(new)) if old and new else None
+    return _SHRINK.get(str(kind))
+
+
+def prompt_byte_limit(runtime: Runtime) -> int | None:
+    """The UTF-8 length above which a prompt cannot fit in the context (once per runtime).
+
+    One token stands for at most the longest token's bytes of (normalized) text, so a text
+    longer than ``max_model_len`` of those, times what the normalizer can shrink it by, is
+    more than ``max_model_len`` tokens: it is refused without rendering it into tokens.
+
+    Args:
+        runtime: The runtime (tokenizer, context length).
+
+    Returns:
+        The limit in bytes, or None where the tokenizer allows no such bound (a normalizer
+        that deletes text, unknown characters fused into one token).
+    """
+    if "prompt_byte_limit" not in runtime.extra:
+        tok = runtime.tokenizer
+        backend = getattr(tok, "backend", None)
+        normalizer = getattr(backend, "normalizer", None)
+        spec = json.loads(normalizer.__getstate__()) if normalizer is not None else None
+        shrink = _shrink(spec)
+        model = getattr(backend, "model", None)
+        if getattr(model, "fuse_unk", False) and not getattr(model, "byte_fallback", False):
+            shrink = None
+        longest = max((len(tok.token_bytes(i)) for i in range(tok.vocab_size)), default=1)
+        # 4: one unknown character (up to 4 bytes) may become one short <unk> token.
+        per_token = max(longest, 4)
+        limit = None if shrink is None else int(runtime.max_model_len * per_token * shrink)
+        runtime.extra["prompt_byte_limit"] = limit
+    return runtime.extra["prompt_byte_limit"]
+
+
+def check_prompt_bytes(runtime: Runtime, text: str, param: str = "messages") -> None:
+    """Refuse a prompt that is too long for the context before tokenising it.
+
+    Tokenising megabytes takes seconds; measuring them takes microseconds (``str.isascii``
+    is O(1), and a text short enough even at 4 bytes a character needs no encoding).
+
+    Args:
+        runtime: The runtime.
+        text: The prompt text (rendered chat, or a completions prompt).
+        param: ``messages`` or ``prompt``, for the error.
+
+    Raises:
+        APIError: 400 ``context_length_exceeded``.
+    """
+    limit = prompt_byte_limit(runtime)
+    if limit is None or len(text) * 4 <= limit:
+        return
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    if size <= limit:
+        return
+    limit_tokens = runtime.max_model_len
+    what = "your messages are" if param == "messages" else "your prompt is"
+    raise APIError(
+        400,
+        f"This model's maximum context length is {limit_tokens} tokens. However, {what} "
+        f"{size} bytes long, more text than {limit_tokens} tokens can hold. Please reduce "
+        f"the length of the {param}.",
+        code="context_length_exceeded",
+        param=param,
+    )
 
 
 def sampling_params(

@@ -21,6 +21,7 @@ from server.api.common import (
     TokenTimer,
     cache_scope,
     check_choices,
+    check_prompt_bytes,
     collect,
     new_id,
     sampling_params,
@@ -81,6 +82,19 @@ def _legacy_logprobs(events: list[DeltaEvent], offset: int) -> dict[str, Any]:
     return out
 
 
+def _prompt_ids(runtime: Runtime, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Tokenise the text prompts and check the id lists; refuse what cannot fit or is bad."""
+    tok, out = runtime.tokenizer, []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            check_prompt_bytes(runtime, prompt, param="prompt")
+            prompt = tok.encode(prompt, add_special_tokens=True)
+        if not prompt or any(not 0 <= t < tok.vocab_size for t in prompt):
+            raise APIError(400, "prompt token ids must be in the vocabulary", param="prompt")
+        out.append(prompt)
+    return out
+
+
 async def _submit_all(runtime: Runtime, requests: list[GenerationRequest]) -> list[AsyncIterator]:
     streams = []
     try:
@@ -108,12 +122,8 @@ async def completions(req: CompletionRequest, runtime: RuntimeDep, http: Request
     runtime.check_model(req.model)
     check_choices(runtime, req.n, len(req.prompts()))
     tok = runtime.tokenizer
-    prompts = [
-        p if isinstance(p, list) else tok.encode(p, add_special_tokens=True) for p in req.prompts()
-    ]
-    for ids in prompts:
-        if not ids or any(not 0 <= t < tok.vocab_size for t in ids):
-            raise APIError(400, "prompt token ids must be in the vocabulary", param="prompt")
+    # Tokenising (or checking) megabytes of prompt takes seconds: off the event loop.
+    prompts = await asyncio.to_thread(_prompt_ids, runtime, req.prompts())
     top = req.logprobs or 0
     rid = new_id("cmpl")
     requests = [

@@ -247,6 +247,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "cors_origins": [["example.com"]],
     "log_level": ["loud"],
     "sse_keepalive_seconds": [0, -1, "nan", "inf"],
+    "max_request_bytes": [0, "big"],
     "tool_parser": ["hermes"],
     "prompt_cache": ["maybe"],
     "prompt_cache_max_bytes": [-1, "lots"],
