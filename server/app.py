@@ -1,9 +1,9 @@
 """``create_app(settings)``: assembles the FastAPI application and nothing else.
 
-Middleware (CORS, the request-body limit, API keys, request metrics), the OpenAI error
-handlers and the routers are wired here; the model and the engine thread are created in the
-lifespan, never at import, so tests can pass a ``runtime_factory`` that builds a runtime
-around a tiny or fake engine.
+Middleware (CORS, the request-body limit, the shutdown drain, API keys, request metrics), the
+OpenAI error handlers and the routers are wired here; the model and the engine thread are
+created in the lifespan, never at import, so tests can pass a ``runtime_factory`` that builds a
+runtime around a tiny or fake engine.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from server.api import admin, chat, completions
 from server.api import models as models_api
 from server.deps import Runtime
+from server.drain import Drain, DrainMiddleware
 from server.errors import APIError, install_handlers
 from server.limits import BodyLimitMiddleware
 
@@ -180,8 +181,10 @@ def create_app(settings: Any, runtime_factory: RuntimeFactory | None = None) -> 
         keys=settings.all_api_keys(),
         admin_keys=frozenset(settings.admin_api_keys),
     )
-    # Outside the API key check: an oversized body is refused before anything else is looked
-    # at (and with CORS headers, CORS being outermost).
+    # Outside the API key check: a draining server or an oversized body is refused before
+    # anything else is looked at (and with CORS headers, CORS being outermost).
+    app.state.drain = Drain(settings.shutdown_drain_seconds)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.cors_origins:
         app.add_middleware(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -142,8 +143,9 @@ def _literal_choices(annotation: Any) -> list[str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Load the settings, then run the HTTP server until interrupted."""
+    """Load the settings, then run the HTTP server until a signal has drained it."""
     import uvicorn
+    from sse_starlette.sse import AppStatus
 
     overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
     settings = load_settings(getattr(args, "config", None), **overrides)
@@ -157,10 +159,27 @@ def _serve(args: argparse.Namespace) -> int:
 
         build_model_type(read_json(resolve_model_path(settings.model) / "config.json"))
 
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+    from uvicorn.config import STARTUP_FAILURE
+
+    from server.drain import CUT_GRACE_SECONDS, DrainingServer
+
+    app = create_app(settings)
+    # sse-starlette would cut every stream the moment uvicorn starts its exit; the drain
+    # (server/drain.py) ends them itself, each with an error event and [DONE].
+    AppStatus.disable_automatic_graceful_drain()
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # After the drain nothing should be left; this only bounds a request that ignores it.
+        timeout_graceful_shutdown=CUT_GRACE_SECONDS,
     )
-    return 0
+    server = DrainingServer(config, app.state.drain)
+    with contextlib.suppress(KeyboardInterrupt):  # a SIGINT, re-raised after the shutdown
+        server.run()
+    # Not started: a signal came during startup (uvicorn.run exits with 3 then, too).
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def _with_default_command(argv: Sequence[str] | None) -> list[str]:

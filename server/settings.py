@@ -188,6 +188,13 @@ class Settings(BaseSettings):
         ge=1,
         description="largest request body in bytes; a larger one gets HTTP 413 before it is read",
     )
+    shutdown_drain_seconds: float = Field(
+        30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="on SIGTERM or SIGINT, seconds running requests get to finish while new "
+        "ones get HTTP 503; streams still running then end with an error event",
+    )
 
     tool_parser: ToolParserChoice = Field(
         "auto",

@@ -2,9 +2,10 @@
 
 Knows the chat response shapes, streaming framing (role on the first content chunk, an empty
 final delta carrying ``finish_reason``, an optional usage chunk, then ``[DONE]``) and errors
-raised mid-stream; and which grammar a request's output must follow (``response_format``, a
-required or named ``tool_choice``). Splitting the text into content, ``reasoning_content`` and
-``tool_calls`` is ``api/chat_output.py``'s; generation details live in ``api/common.py``.
+raised mid-stream (an error event, then ``[DONE]``); and which grammar a request's output must
+follow (``response_format``, a required or named ``tool_choice``). Splitting the text into
+content, ``reasoning_content`` and ``tool_calls`` is ``api/chat_output.py``'s; generation
+details live in ``api/common.py``.
 """
 
 from __future__ import annotations
@@ -298,6 +299,7 @@ async def _sse(
             elif isinstance(event, ErrorEvent):
                 err = APIError(500, event.message, type="server_error", code="generation_failed")
                 yield json.dumps(err.body())
+                yield "[DONE]"  # clients that wait for it stop here too
                 return
         runtime.metrics.count_tokens(stream.prompt_len, completion, cached)
         if stream.include_usage:
@@ -348,7 +350,7 @@ async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http
     events = await submit(runtime, gen)
     if req.stream:
         stream = _Stream(runtime, req, rid, len(prompt), config)
-        return sse_response(runtime, _sse(runtime, events, stream, rid))
+        return sse_response(runtime, _sse(runtime, events, stream, rid), http)
     collected = await collect(runtime, events, rid, http)
     return _response(runtime, req, rid, len(prompt), config, collected)
 

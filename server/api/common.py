@@ -19,6 +19,7 @@ from fastapi import Request
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from server.deps import Runtime
+from server.drain import drain_of, shutting_down
 from server.engine.engine import EngineDeadError
 from server.engine.events import DeltaEvent, Event, GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -323,21 +324,27 @@ async def submit(runtime: Runtime, request: GenerationRequest) -> AsyncIterator[
         raise APIError(400, str(e)) from e
 
 
-def sse_response(runtime: Runtime, chunks: AsyncIterator[str]) -> EventSourceResponse:
+def sse_response(
+    runtime: Runtime, chunks: AsyncIterator[str], http: Request | None = None
+) -> EventSourceResponse:
     """Stream ``chunks`` as server-sent events, with keepalive comments while a stream waits.
 
     The ``: keepalive`` comment lines (every ``sse_keepalive_seconds``) keep proxies from
-    timing out during a long prefill; OpenAI clients ignore them.
+    timing out during a long prefill; OpenAI clients ignore them. When the server drains for
+    shutdown and its deadline passes, the stream ends with an error event and ``[DONE]``
+    (``server/drain.py``).
 
     Args:
         runtime: The runtime (its settings give the interval).
         chunks: The ``data:`` payloads.
+        http: The HTTP request (its app's drain); None: no shutdown deadline.
 
     Returns:
         The streaming response.
     """
+    drain = drain_of(http.app) if http is not None else None
     return EventSourceResponse(
-        chunks,
+        drain.guard(chunks) if drain is not None else chunks,
         ping=runtime.settings.sse_keepalive_seconds,
         ping_message_factory=lambda: ServerSentEvent(comment="keepalive"),
     )
@@ -392,6 +399,9 @@ async def collect(
 
     Returns:
         All events, in order.
+
+    Raises:
+        APIError: 503 ``shutting_down`` when the server's shutdown drain deadline passes.
     """
     timer = TokenTimer(runtime)
     out: list[Event] = []
@@ -402,10 +412,14 @@ async def collect(
                 timer.delta(event)
             out.append(event)
 
+    drain = drain_of(http.app)
     task = asyncio.create_task(consume())
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=_DISCONNECT_POLL_SECONDS)
+            if not task.done() and drain is not None and drain.cut:
+                task.cancel()
+                raise shutting_down()  # the shutdown's drain deadline passed
             if not task.done() and await http.is_disconnected():
                 task.cancel()
                 break

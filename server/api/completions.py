@@ -148,7 +148,7 @@ async def completions(req: CompletionRequest, runtime: RuntimeDep, http: Request
     echoes = [tok.decode(ids) if req.echo else "" for ids in prompts]
     streams = await _submit_all(runtime, requests)
     if req.stream:
-        return sse_response(runtime, _sse(runtime, req, rid, streams, prompts, echoes))
+        return sse_response(runtime, _sse(runtime, req, rid, streams, prompts, echoes), http)
     per_prompt = await asyncio.gather(
         *[collect(runtime, s, r.request_id, http) for s, r in zip(streams, requests)]
     )
@@ -228,6 +228,7 @@ async def _sse(runtime, req, rid, streams, prompts, echoes) -> AsyncIterator[str
                         500, event.message, type="server_error", code="generation_failed"
                     ).body()
                 )
+                yield "[DONE]"
                 return
             index = p * req.n + event.index
             prefix = echoes[p] if index not in echoed else ""

@@ -113,10 +113,13 @@ def _stream(client: httpx.Client, path: str, body: dict, sse_payloads) -> list[s
 
 
 def _check_error_after_chunks(payloads: list[str], n_before: int) -> None:
-    """Content first, then one error event, then (optionally) [DONE] and nothing else."""
-    if payloads[-1] == "[DONE]":
-        payloads = payloads[:-1]
-    *chunks, last = payloads
+    """Content first, then one error event, then [DONE] and nothing else.
+
+    The ``openai`` package raises ``APIError`` at a ``data: {"error": ...}`` event; [DONE]
+    after it ends the stream for clients that only watch for that.
+    """
+    assert payloads[-1] == "[DONE]", payloads[-2:]
+    *chunks, last = payloads[:-1]
     assert len(chunks) >= n_before, payloads
     assert all("error" not in json.loads(c) for c in chunks)
     body = json.loads(last)

@@ -248,6 +248,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "log_level": ["loud"],
     "sse_keepalive_seconds": [0, -1, "nan", "inf"],
     "max_request_bytes": [0, "big"],
+    "shutdown_drain_seconds": [-1, "nan", "inf"],
     "tool_parser": ["hermes"],
     "prompt_cache": ["maybe"],
     "prompt_cache_max_bytes": [-1, "lots"],
