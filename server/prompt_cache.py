@@ -144,6 +144,17 @@ class PromptCache:
         """Bytes held in memory."""
         return sum(e.nbytes for e in self.entries.values())
 
+    def nbytes_of(self, tenant: str | None) -> int:
+        """Bytes held in memory for one tenant (its sessions and anonymous pool).
+
+        Args:
+            tenant: The tenant; None counts every tenant's.
+
+        Returns:
+            The bytes.
+        """
+        return sum(e.nbytes for e in self.entries.values() if self._owned(e, tenant))
+
     def lookup(self, scope: str, session: str | None, tokens: list[int]) -> Hit | None:
         """Find the longest reusable prefix of ``tokens`` and pin its entry.
 

@@ -151,10 +151,13 @@ async def list_sessions(runtime: RuntimeDep, http: Request) -> dict:
 
     Returns:
         ``{"object": "list", "data": [...], "bytes": total}``: key, scope, tokens, bytes,
-        last use, pinned, persisted; ``bytes`` is the prompt cache's memory in use.
+        last use, pinned, persisted; ``bytes`` is the caller's share of the prompt cache's
+        memory (the whole of it for an admin key).
     """
     cache, tenant = _prompt_cache(runtime), _tenant(http)
-    data, total = await runtime.engine.call(lambda: (cache.sessions(tenant), cache.nbytes))
+    data, total = await runtime.engine.call(
+        lambda: (cache.sessions(tenant), cache.nbytes_of(tenant))
+    )
     return {"object": "list", "data": data, "bytes": total}
 
 

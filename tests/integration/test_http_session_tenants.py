@@ -74,6 +74,8 @@ def test_tenants_list_and_delete_only_their_own_sessions(http):
     assert [k for k, _ in listed_b] == ["notes"]
     assert {s for _, s in listed_a}.isdisjoint({s for _, s in listed_b})
     assert len(_listed(http["admin"])) == 3
+    memory = {who: http[who].get("/v1/sessions").json()["bytes"] for who in KEYS}
+    assert 0 < memory["b"] < memory["a"] < memory["admin"]  # each sees only its own share
     # b cannot delete a's sessions, one by one or all at once.
     assert http["b"].delete("/v1/sessions/a-only").status_code == 404
     assert http["b"].delete("/v1/sessions").json()["deleted"] == 1  # its own "notes"
