@@ -22,9 +22,10 @@ Fairness, and what is not equal:
   mlx_lm.server (which has none) is sent exactly the same texts (words and seeds). Every run
   uses its own seed so that no server can reuse a prompt cached in an earlier run.
 * **Same BLAS.** moeserve loads an optimized BLAS itself when one is installed (``MOESERVE_BLAS``,
-  ``models/blas.py``). mlx_lm.server would keep MLX's bundled reference BLAS, so it is started
-  with ``LD_PRELOAD=<the library models.blas chose>`` when that is a file: like with like.
-  moeserve's gemv shim (``models/gemv_forward.c``, one-row products through ``sgemv``) is
+  ``models/backend/blas.py``). mlx_lm.server would keep MLX's bundled reference BLAS, so it is
+  started with ``LD_PRELOAD=<the library models.backend.blas chose>`` when that is a file: like
+  with like.
+  moeserve's gemv shim (``models/backend/gemv_forward.c``, one-row products through ``sgemv``) is
   moeserve's own code and is not given to mlx_lm.server.
 * **Output length.** Requests carry ``ignore_eos``/``min_tokens``, which mlx_lm.server ignores:
   there a response may stop early at EOS. Token counts come from ``usage`` either way, so
@@ -58,7 +59,7 @@ from typing import Any
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.serverproc import ServerProcess, free_port, moeserve_command
-from models.blas import blas_path
+from models.backend.blas import blas_path
 from server.loadgen import run_load
 
 MLX_LM_MODEL = "default_model"  # mlx_lm.server's name for the model given by --model

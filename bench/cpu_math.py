@@ -1,4 +1,4 @@
-"""MLX's CPU transcendentals against ``models.layers.fastmath``, and what that does to the model.
+"""MLX's CPU transcendentals against ``models.backend.fastmath``, and what that does to the model.
 
 Four tables; the timed ones are interleaved (every variant once per round, the median of the
 rounds) because the machine is shared:
@@ -7,10 +7,10 @@ rounds) because the machine is shared:
    ``fastmath.softmax``, ``silu(g) * u`` vs ``fastmath.swiglu``;
 2. causal prefill attention of the bench model's shape (8 query heads, 4 KV heads, head dim
    64) for a 512-token chunk after 0, 512 and 1,536 cached tokens: MLX's
-   ``scaled_dot_product_attention`` vs ``models.layers.attention.attend`` (blocked);
+   ``scaled_dot_product_attention`` vs the CPU backend's ``sdpa`` (blocked);
 3. the bench checkpoint end to end: a 512-token prefill chunk, a 2,000-token prompt in
    512-token chunks, and one decode step at batch 1 and 16 (context ~300), with
-   ``fastmath`` off and on;
+   the compiled kernels off and on (``cpu_fast_math``);
 4. how many MLX graph ops one batch-1 decode step evaluates (``mx.export_to_dot``): on the
    CPU backend each costs a few µs of dispatch on top of its arithmetic.
 
@@ -33,9 +33,9 @@ import mlx.nn as nn
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.step_profile import decode_step
+from models import backend
+from models.backend import fastmath
 from models.cache import BatchKVCache
-from models.layers import fastmath
-from models.layers.attention import attend
 from models.loader import load_model
 
 
@@ -61,7 +61,7 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[
 
 def _with_fastmath(on: bool, fn: Callable[[], object]) -> Callable[[], object]:
     def run() -> object:
-        fastmath.set_enabled(on)
+        backend.set_fast_math(on)
         return fn()
 
     return run
@@ -72,7 +72,6 @@ def elementwise(rounds: int) -> None:
     x = mx.random.normal((4, 1024, 512)) * 4
     up = mx.random.normal(x.shape)
     mx.eval(x, up)
-    fastmath.set_enabled(True)
     t = interleaved(
         {
             "mx.exp": lambda: mx.exp(x),
@@ -96,7 +95,7 @@ def elementwise(rounds: int) -> None:
 
 def prefill_attention(rounds: int) -> None:
     """Table 2."""
-    fastmath.set_enabled(True)
+    backend.set_fast_math(True)
     print("\n| chunk x keys | MLX sdpa ms | blocked ms | speed-up |\n|---|---|---|---|")
     for cached in (0, 512, 1536):
         L, S = 512, cached + 512
@@ -108,7 +107,7 @@ def prefill_attention(rounds: int) -> None:
                 "sdpa": lambda q=q, k=k, v=v: mx.fast.scaled_dot_product_attention(
                     q, k, v, scale=0.125, mask="causal"
                 ),
-                "blocked": lambda q=q, k=k, v=v: attend(q, k, v, scale=0.125, mask="causal"),
+                "blocked": lambda q=q, k=k, v=v: backend.sdpa(q, k, v, scale=0.125, mask="causal"),
             },
             rounds,
         )
@@ -139,7 +138,7 @@ def end_to_end(model_dir: Path, rounds: int) -> None:
         variants[f"{name}|off"] = _with_fastmath(False, fn)
         variants[f"{name}|on"] = _with_fastmath(True, fn)
     t = interleaved(variants, rounds)
-    fastmath.set_enabled(True)
+    backend.set_fast_math(True)
     print("\n| bench model | fastmath off ms | on ms | speed-up |\n|---|---|---|---|")
     for name in work:
         off, on = t[f"{name}|off"], t[f"{name}|on"]
@@ -169,7 +168,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--skip-model", action="store_true", help="tables 1 and 2 only")
     args = parser.parse_args()
-    if not fastmath.enabled():
+    if not backend.fast_math_in_use():
         raise SystemExit("fastmath is unavailable here (CPU backend with a C++ compiler needed)")
     elementwise(args.rounds)
     prefill_attention(args.rounds)

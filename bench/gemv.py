@@ -1,8 +1,8 @@
 """One-row float32 products: OpenBLAS's sgemm against its sgemv, and the model with the shim.
 
 MLX's CPU backend does every float32 product with ``cblas_sgemm``, including the one-row ones
-of decoding; ``models/gemv_forward.c`` sends those to ``cblas_sgemv`` (see ``models/blas.py``).
-Two tables:
+of decoding; ``models/backend/gemv_forward.c`` sends those to ``cblas_sgemv`` (see
+``models/backend/blas.py``). Two tables:
 
 1. the BLAS alone (called through ctypes on NumPy buffers, so MLX plays no part): a 1-row
    product with ``cblas_sgemm`` and the same product with ``cblas_sgemv``, for the bench
@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.step_profile import decode_step
-from models.blas import blas_path, gemv_forwarding
+from models.backend.blas import blas_path, gemv_forwarding
 from models.loader import load_model
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112

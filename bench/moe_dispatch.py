@@ -2,8 +2,9 @@
 
 ``gather`` (``mx.gather_mm``), ``dense`` (every expert on every token, keep the selected) and
 ``grouped`` (tokens sorted by expert, one contiguous matmul per expert) on the bench
-checkpoint's expert shape (16 experts of 512 -> 256, top-4). ``models/layers/moe.py`` picks
-between them with the crossover points this prints; re-run it on new hardware.
+checkpoint's expert shape (16 experts of 512 -> 256, top-4). The CPU backend
+(``models/backend/experts.py``) picks between them with the crossover points this prints;
+re-run it on new hardware.
 
 Usage: python -m bench.moe_dispatch [--tokens 1 4 16 32 64 128 512] [--repeat 20]
 """
@@ -15,7 +16,8 @@ import time
 
 import mlx.core as mx
 
-from models.layers.moe import SwitchGLU, dispatch_strategy
+from models.backend import CpuBackend, experts
+from models.layers.moe import SwitchGLU
 
 
 def _time(fn, *args, repeat: int) -> float:
@@ -35,17 +37,23 @@ def main() -> None:
     mx.random.seed(0)
     layer = SwitchGLU(512, 256, 16)
     mx.eval(layer.parameters())
+    cpu = CpuBackend()
+    projections = (layer.gate_proj, layer.up_proj, layer.down_proj)
+
+    def run(strategy: str, x: mx.array, inds: mx.array) -> mx.array:
+        return experts.STRATEGIES[strategy](x, inds, *projections, cpu.swiglu)
+
     print(f"{'tokens':>6} {'gather ms':>10} {'dense ms':>9} {'grouped ms':>11}  policy")
     for T in args.tokens:
         x = mx.random.normal((T, 512))
         inds = mx.argsort(mx.random.uniform(shape=(T, 16)), axis=-1)[:, :4].astype(mx.uint32)
         row = [
-            _time(f, x, inds, repeat=args.repeat)
-            for f in (layer._gathered, layer._dense, layer._grouped)
+            _time(run, strategy, x, inds, repeat=args.repeat)
+            for strategy in ("gather", "dense", "grouped")
         ]
         print(
             f"{T:>6} {row[0]:>10.2f} {row[1]:>9.2f} {row[2]:>11.2f}  "
-            f"{dispatch_strategy(T, quantized=False)}"
+            f"{cpu.expert_strategy(T, False, mx.float32)}"
         )
 
 

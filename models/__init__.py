@@ -3,10 +3,9 @@
 Knows nothing of HTTP, sessions or chat templates (see ARCHITECTURE.md).
 """
 
-from models.blas import preload
+# First: the backend chooses the BLAS before anything loads mlx.core (models/backend/blas.py).
+from models import backend  # noqa: F401, I001
 
-preload()  # before anything imports mlx.core: see models/blas.py
-
-from models.loader import load, load_model  # noqa: E402
+from models.loader import load, load_model
 
 __all__ = ["load", "load_model"]

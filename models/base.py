@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import mlx.core as mx
 import mlx.nn as nn
 
+from models import backend
 from models.cache import KVCache
 from models.errors import ConfigError
 
@@ -179,6 +180,7 @@ def run_layers(h: mx.array, layers: list[Any], cache: list[Any] | None) -> mx.ar
     """
     caches = cache if cache is not None else [None] * len(layers)
     mask = attention_mask(h.shape[1], caches[0])
-    for layer, layer_cache in zip(layers, caches):
-        h = layer(h, mask, layer_cache)
+    with backend.forward_pass():  # one set of positions for every layer (RoPE tables)
+        for layer, layer_cache in zip(layers, caches):
+            h = layer(h, mask, layer_cache)
     return h

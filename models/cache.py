@@ -84,11 +84,6 @@ class KVCache(_GrowingKV):
         """Position of the next token, for rotary embeddings."""
         return self.offset
 
-    @property
-    def rope_key(self) -> int:
-        """A hashable value that determines ``rope_offset`` (lets layers share RoPE tables)."""
-        return self.offset
-
     @classmethod
     def from_state(cls, keys: mx.array, values: mx.array) -> KVCache:
         """Build a cache holding ``keys``/``values`` (``[B, H_kv, S, D]``) as its first S positions.
@@ -168,11 +163,6 @@ class BatchKVCache(_GrowingKV):
     def rope_offset(self) -> mx.array:
         """Per-row position of the next token, int32 ``[B]``."""
         return self.offset - self._pad
-
-    @property
-    def rope_key(self) -> tuple[int, tuple[int, ...]]:
-        """A hashable value that determines ``rope_offset`` (lets layers share RoPE tables)."""
-        return self.offset, tuple(self.left_padding)
 
     def lengths(self) -> list[int]:
         """Number of real (non-padding) positions in each row."""

@@ -1,7 +1,7 @@
 """moeserve's serving side: HTTP API, engine, tokenizer, settings.
 
 Importing ``models`` first lets it pick the BLAS before anything here imports ``mlx.core``
-(see ``models/blas.py``).
+(see ``models/backend/blas.py``).
 """
 
 import models  # noqa: F401

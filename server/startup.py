@@ -20,9 +20,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from models.blas import blas_in_use
+from models.backend import kernels, set_fast_math
+from models.backend.blas import blas_in_use
 from models.errors import ModelError
-from models.layers import fastmath
 from models.loader import LoadedModel, Progress, load
 from models.quantize import count_parameters
 from server.demo import DEMO_MODEL_ID, demo_model_dir
@@ -120,7 +120,7 @@ def apply_compute_settings(settings: Settings) -> None:
     Args:
         settings: The server settings (``cpu_fast_math``, ``mlx_cache_limit_bytes``).
     """
-    fastmath.set_enabled(settings.cpu_fast_math)
+    set_fast_math(settings.cpu_fast_math)
     if settings.mlx_cache_limit_bytes is not None:
         mx.set_cache_limit(settings.mlx_cache_limit_bytes)
 
@@ -194,13 +194,6 @@ def server_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/v1"
 
 
-def _kernels() -> str:
-    """Which exp/softmax/SiLU kernels run (``models.layers.fastmath``), for the summary line."""
-    if mx.default_device().type != mx.DeviceType.cpu:
-        return "GPU kernels"
-    return "compiled CPU math" if fastmath.enabled() else "MLX CPU math"
-
-
 def summary_line(served: ServedModel, settings: Settings) -> str:
     """One line for the log at startup: what is served, how big, how fast a BLAS, and where.
 
@@ -227,5 +220,5 @@ def summary_line(served: ServedModel, settings: Settings) -> str:
         f"{format_count(count_parameters(served.loaded.model))} parameters, "
         f"{'/'.join(floats) or 'no floating'} weights{bits}, "
         f"{format_bytes(sum(v.nbytes for v in params))}, context {served.max_model_len} tokens, "
-        f"BLAS: {blas_in_use()}, {_kernels()}; at {server_url(settings.host, settings.port)}"
+        f"BLAS: {blas_in_use()}, {kernels()}; at {server_url(settings.host, settings.port)}"
     )

@@ -1,6 +1,7 @@
 """The dense gated MLP (SwiGLU): dense layers and shared experts of every family.
 
-Knows only ``down(silu(gate(x)) * up(x))`` and its parameter names.
+Knows only ``down(silu(gate(x)) * up(x))`` and its parameter names; the activation is
+``models.backend.swiglu``.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.layers.fastmath import swiglu
+from models import backend
 
 
 class GatedMLP(nn.Module):
@@ -32,4 +33,4 @@ class GatedMLP(nn.Module):
         Returns:
             ``[..., M]``.
         """
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(backend.swiglu(self.gate_proj(x), self.up_proj(x)))

@@ -1,9 +1,11 @@
 """Mixture-of-Experts building blocks, written once for every architecture.
 
-Knows: how routers turn router logits into (expert ids, weights) for each token, how the
-selected experts run (``SwitchGLU`` over stacked expert weights with ``mx.gather_mm`` /
-``mx.gather_qmm``), and how their outputs combine. Knows nothing about attention, caches or
-checkpoint names beyond ``gate_proj/up_proj/down_proj``.
+Knows: how routers turn router logits into (expert ids, weights) for each token, the stacked
+expert weights (``SwitchLinear``: ``mx.gather_mm`` / ``mx.gather_qmm``) and the routed SwiGLU
+experts over them (``SwitchGLU``), and how their outputs combine. How the selected experts
+run on this device (gathered, dense or grouped) is ``models.backend.switch_glu``'s choice.
+Knows nothing about attention, caches or checkpoint names beyond
+``gate_proj/up_proj/down_proj``.
 
 Shape legend: T = tokens (batch x length, flattened), E = routed experts, A = active
 experts per token (top-k), M = model dim, F = expert hidden dim, G = expert groups.
@@ -24,8 +26,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.blas import gemv_forwarding
-from models.layers.fastmath import swiglu
+from models import backend
 
 
 def softmax_topk(
@@ -199,31 +200,6 @@ class SwitchLinear(nn.Module):
             y = y + mx.expand_dims(self["bias"][inds], -2)
         return y
 
-    def all_experts(self, x: mx.array) -> mx.array:
-        """Apply every expert to every token (the dense dispatch).
-
-        Args:
-            x: ``[T, in]`` or ``[E, T, in]``.
-
-        Returns:
-            ``[E, T, out]``.
-        """
-        y = x @ self["weight"].swapaxes(-1, -2)
-        return y + self["bias"][:, None, :] if "bias" in self else y
-
-    def one_expert(self, x: mx.array, e: int) -> mx.array:
-        """Apply expert ``e`` to the rows ``x`` ``[N, in]`` (the grouped dispatch).
-
-        Args:
-            x: Rows routed to expert ``e``.
-            e: Expert index.
-
-        Returns:
-            ``[N, out]``.
-        """
-        y = x @ self["weight"][e].T
-        return y + self["bias"][e] if "bias" in self else y
-
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
         """Quantized copy of this layer (called by ``nn.quantize``).
 
@@ -302,67 +278,6 @@ class QuantizedSwitchLinear(nn.Module):
         return y
 
 
-# Sorting tokens by expert pays off once there are enough (token, expert) pairs for each
-# expert's weights to be reused across several rows.
-_SORT_THRESHOLD = 64
-
-# How routed experts run on the CPU backend, by number of tokens T. Measured with
-# bench/moe_dispatch.py (2-core x86-64, OpenBLAS, 16 experts 512->256, top-4; ms per call).
-# MLX's CPU gather_mm is one 1-row matmul per (token, expert) pair, so its speed depends on
-# how the BLAS runs 1-row products. With the gemv shim of models/blas.py they stream each
-# weight once and gather wins up to ~100 tokens (pairs are sorted by expert from T = 16 on,
-# so consecutive products reuse one expert's weights from cache):
-#      T    gather   dense   grouped
-#      1      0.2     1.4      0.6
-#      4      0.6     3.3      2.3
-#     16      1.9     3.2      4.8
-#     64      4.9    11.9      8.7
-#     96      7.3    17.9      9.2
-#    128     11.1    26.2     11.0
-#    512     53.2    87.5     18.3
-# Without the shim (another BLAS, no C compiler), 1-row products pack the whole weight first
-# and gather only wins at a few tokens:
-#      T    gather   dense   grouped
-#      1      0.4     2.9      0.9
-#      4      3.0     3.2      2.8
-#     16      8.6     5.0      5.8
-#     32     13.5     6.9      6.7
-#    512    185.9    86.9     24.8
-#  * gather: gather_mm; a few tokens touch only their A experts each.
-#  * dense: every expert on every token as E batched matmuls, then keep the A selected
-#    outputs: E/A times the FLOPs but BLAS-efficient and free of host syncs.
-#  * grouped (prefill chunks, big batches): group the (token, expert) pairs by expert and
-#    run one contiguous matmul per expert. It needs the per-expert counts on the host, one
-#    sync per layer, which pays for itself once each expert gets several rows.
-# Quantized experts and the Metal backend always use gather_mm / gather_qmm, which are the
-# right kernels there.
-CPU_GEMV_GATHER_MAX_TOKENS = 96
-CPU_GATHER_MAX_TOKENS = 4
-CPU_DENSE_MAX_TOKENS = 24
-
-
-def dispatch_strategy(tokens: int, quantized: bool, dtype: mx.Dtype = mx.float32) -> str:
-    """Pick how routed experts run for a batch of ``tokens`` tokens.
-
-    Args:
-        tokens: T.
-        quantized: Whether the expert weights are quantized.
-        dtype: The activations' dtype. MLX's CPU ``gather_mm`` takes float32 only, so half
-            precision on the CPU never uses it.
-
-    Returns:
-        ``"gather"``, ``"dense"`` or ``"grouped"``.
-    """
-    if quantized or mx.default_device().type != mx.DeviceType.cpu:
-        return "gather"
-    if dtype == mx.float32:
-        if gemv_forwarding():
-            return "gather" if tokens <= CPU_GEMV_GATHER_MAX_TOKENS else "grouped"
-        if tokens <= CPU_GATHER_MAX_TOKENS:
-            return "gather"
-    return "dense" if tokens <= CPU_DENSE_MAX_TOKENS else "grouped"
-
-
 class SwitchGLU(nn.Module):
     """Routed experts: one SwiGLU MLP each, run only for the selected (token, expert) pairs."""
 
@@ -382,49 +297,4 @@ class SwitchGLU(nn.Module):
         Returns:
             Per-expert outputs ``[T, A, M]`` (combine with ``combine_experts``).
         """
-        quantized = isinstance(self.gate_proj, QuantizedSwitchLinear)
-        strategy = dispatch_strategy(x.shape[0], quantized, x.dtype)
-        if strategy == "dense":
-            return self._dense(x, inds)
-        if strategy == "grouped":
-            return self._grouped(x, inds)
-        return self._gathered(x, inds)
-
-    def _dense(self, x: mx.array, inds: mx.array) -> mx.array:
-        h = swiglu(self.gate_proj.all_experts(x), self.up_proj.all_experts(x))  # [E, T, F]
-        out = self.down_proj.all_experts(h).swapaxes(0, 1)  # [T, E, M]
-        return mx.take_along_axis(out, inds[..., None].astype(mx.int32), axis=1)  # [T, A, M]
-
-    def _grouped(self, x: mx.array, inds: mx.array) -> mx.array:
-        T, A = inds.shape
-        flat = inds.flatten()  # [T*A]
-        order = mx.argsort(flat)  # pairs grouped by expert
-        E = self.gate_proj.weight.shape[0]
-        counts = mx.zeros((E,), mx.int32).at[flat].add(1).tolist()  # host sync (see above)
-        rows = x[order // A]  # [T*A, M], contiguous per expert
-        outs, start = [], 0
-        for e, count in enumerate(counts):
-            if count:
-                seg = rows[start : start + count]  # [N_e, M]
-                h = swiglu(self.gate_proj.one_expert(seg, e), self.up_proj.one_expert(seg, e))
-                outs.append(self.down_proj.one_expert(h, e))  # [N_e, M]
-                start += count
-        return mx.concatenate(outs)[mx.argsort(order)].reshape(T, A, -1)
-
-    def _gathered(self, x: mx.array, inds: mx.array) -> mx.array:
-        T, A = inds.shape
-        if inds.size >= _SORT_THRESHOLD:
-            # Visit (token, expert) pairs grouped by expert so each expert's weights are read once.
-            flat = inds.flatten()  # [T*A]
-            order = mx.argsort(flat)
-            inv = mx.argsort(order)
-            xs = x[order // A][:, None, None]  # [T*A, 1, 1, M]
-            h = self._glu(xs, flat[order][:, None], sorted_indices=True)  # [T*A, 1, 1, M]
-            return h.squeeze((1, 2))[inv].reshape(T, A, -1)
-        h = self._glu(x[:, None, None], inds, sorted_indices=False)  # [T, A, 1, M]
-        return h.squeeze(-2)
-
-    def _glu(self, x: mx.array, inds: mx.array, sorted_indices: bool) -> mx.array:
-        gate = self.gate_proj(x, inds, sorted_indices)
-        up = self.up_proj(x, inds, sorted_indices)
-        return self.down_proj(swiglu(gate, up), inds, sorted_indices)
+        return backend.switch_glu(x, inds, self.gate_proj, self.up_proj, self.down_proj)

@@ -5,29 +5,23 @@ keys and transformers 5's ``rope_parameters``), partial rotary (only the first
 ``rotary_dim`` channels of each head rotate), and the frequency schedules ``default``,
 ``linear``, ``yarn`` and ``llama3``. It does not know which architecture uses which.
 
-All variants reduce to ``mx.fast.rope`` with either a base or an explicit frequency table,
-plus (for YaRN) an attention temperature applied to the rotated channels.
-
-On the CPU, ``mx.fast.rope`` has no kernel: every call expands into ~20 small ops that
-recompute the cosines and sines, and a decode step calls it twice per layer with the same
-positions. There ``RoPE`` computes the table once per (frequency schedule, positions) by
-rotating a probe of ones and zeros through ``mx.fast.rope`` itself, so the table is exactly
-MLX's, keeps it for the other layers and for keys, and applies the same products in the
-same order as MLX's own CPU path: the output is bitwise identical, with about a third of the
-ops (``tests/unit/test_rope_table.py``).
+All variants reduce to a ``RopeSchedule`` (``mx.fast.rope`` with either a base or an explicit
+frequency table), plus (for YaRN) an attention temperature applied to the rotated channels.
+The rotation itself is ``models.backend.rope``, which on the CPU shares one cos/sin table
+between the layers of a forward pass (``models/backend/rope.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from models import backend
+from models.backend import RopeSchedule
 from models.errors import ConfigError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
@@ -141,14 +135,12 @@ class RoPE(nn.Module):
     def __init__(self, head_dim: int, cfg: RopeConfig) -> None:
         super().__init__()
         self.dims = int(head_dim * cfg.partial_rotary_factor)
-        self.base: float | None = cfg.theta
-        self.scale = 1.0
         self.attention_factor = 1.0
-        self._freqs: mx.array | None = None
-        self._schedule_key: Hashable | None = None  # set on first use (see _table)
+        base: float | None = cfg.theta
+        scale, freqs = 1.0, None
         s = cfg.scaling or {}
         if cfg.rope_type == "linear":
-            self.scale = 1.0 / float(s["factor"])  # positions divided by factor
+            scale = 1.0 / float(s["factor"])  # positions divided by factor
         elif cfg.rope_type in ("yarn", "llama3"):
             if cfg.rope_type == "yarn":
                 inv, self.attention_factor = _yarn(
@@ -157,20 +149,15 @@ class RoPE(nn.Module):
             else:
                 inv = _llama3(self.dims, cfg.theta, s)
             # mx.fast.rope takes periods (1 / inverse frequency) and then no base.
-            self._freqs = 1.0 / inv
-            self.base = None
+            freqs, base = 1.0 / inv, None
+        self.schedule = RopeSchedule(self.dims, base, scale, freqs)
 
-    def __call__(
-        self, x: mx.array, offset: int | mx.array = 0, positions_key: Hashable | None = None
-    ) -> mx.array:
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         """Rotate ``x`` as if its first token sat at position ``offset``.
 
         Args:
             x: Queries or keys ``[B, H, L, D]``.
             offset: Position of the first token (int or per-row ``[B]``).
-            positions_key: A hashable value that determines ``offset`` (``rope_key`` of the
-                caches), letting the CPU path share its cos/sin table between the calls of
-                one forward pass; None computes it for this call only.
 
         Returns:
             ``x`` with rotary embeddings applied.
@@ -180,56 +167,4 @@ class RoPE(nn.Module):
             x = mx.concatenate(
                 [x[..., : self.dims] * self.attention_factor, x[..., self.dims :]], axis=-1
             )
-        if positions_key is None or mx.default_device().type != mx.DeviceType.cpu:
-            return self._fast(x, offset)
-        cos, sin = self._table(x, offset, positions_key)
-        half = self.dims // 2
-        x1, x2 = x[..., :half], x[..., half : self.dims]
-        parts = [x1 * cos - x2 * sin, x1 * sin + x2 * cos]  # MLX's products, in MLX's order
-        if self.dims < x.shape[-1]:
-            parts.append(x[..., self.dims :])
-        return mx.concatenate(parts, axis=-1)
-
-    def _fast(self, x: mx.array, offset: int | mx.array) -> mx.array:
-        return mx.fast.rope(
-            x,
-            self.dims,
-            traditional=False,
-            base=self.base,
-            scale=self.scale,
-            offset=offset,
-            freqs=self._freqs,
-        )
-
-    def _table(
-        self, x: mx.array, offset: int | mx.array, positions_key: Hashable
-    ) -> tuple[mx.array, mx.array]:
-        """``cos`` and ``sin`` ``[B or 1, 1, L, dims/2]`` in ``x``'s dtype, shared by key."""
-        if self._schedule_key is None:
-            freqs = None if self._freqs is None else tuple(self._freqs.tolist())
-            self._schedule_key = (self.dims, self.base, self.scale, freqs)
-        B, _, L, _ = x.shape
-        key = (self._schedule_key, positions_key, L, x.dtype)
-        table = _TABLES.get(key)
-        if table is None:
-            # Rotating (1, 0) pairs yields (cos, sin) exactly: 1*c - 0*s and 1*s + 0*c.
-            rows = B if isinstance(offset, mx.array) and offset.size > 1 else 1
-            half = self.dims // 2
-            probe = mx.concatenate(
-                [mx.ones((rows, 1, L, half), x.dtype), mx.zeros((rows, 1, L, half), x.dtype)],
-                axis=-1,
-            )
-            rotated = self._fast(probe, offset)
-            table = (rotated[..., :half], rotated[..., half:])
-            _TABLES[key] = table
-            while len(_TABLES) > _TABLES_KEPT:
-                _TABLES.popitem(last=False)
-        else:
-            _TABLES.move_to_end(key)
-        return table
-
-
-# The last few cos/sin tables, shared by every RoPE instance with the same schedule: one
-# forward pass needs one per schedule, the next step brings new positions.
-_TABLES: OrderedDict[Hashable, tuple[mx.array, mx.array]] = OrderedDict()
-_TABLES_KEPT = 8
+        return backend.rope(x, offset, self.schedule)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.layers import fastmath
+from models import backend
 from server.tokenizer import Tokenizer
 from server.tokenizer_build import (
     DEFAULT_CORPUS,
@@ -68,7 +68,7 @@ def any_tokenizer(request: pytest.FixtureRequest) -> Tokenizer:
 
 @pytest.fixture
 def fastmath_state() -> Iterator[None]:
-    """Put ``models.layers.fastmath``'s process-wide switch back as it was after the test."""
-    saved = dict(fastmath._state)
+    """Put the CPU backend's fast-math switch (``cpu_fast_math``) back as it was after the test."""
+    saved = backend.set_fast_math(True)  # each test starts from the default
     yield
-    fastmath._state.update(saved)
+    backend.set_fast_math(saved)

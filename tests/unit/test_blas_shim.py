@@ -1,4 +1,4 @@
-"""The gemv shim (``models/gemv_forward.c``): one-row and one-column products stay exact.
+"""The gemv shim (``models/backend/gemv_forward.c``): one-row and one-column products stay exact.
 
 MLX binds its ``cblas_sgemm`` to the shim when moeserve loads an optimized BLAS; these tests
 run only where that happened (Linux with OpenBLAS and a C compiler, as on CI). Each product
@@ -14,8 +14,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from models import blas
-from models.blas import blas_in_use, blas_path, forwarded_calls, gemv_forwarding
+from models.backend import blas
+from models.backend.blas import blas_in_use, blas_path, forwarded_calls, gemv_forwarding
 
 pytestmark = pytest.mark.skipif(
     forwarded_calls() is None, reason="gemv shim not loaded (no optimized BLAS or compiler)"

@@ -1,7 +1,12 @@
-"""The compiled CPU math: accuracy against float64, agreement with MLX's ops, the fallback."""
+"""The compiled CPU math: accuracy against float64, agreement with MLX's ops, the fallback.
+
+The kernels (``models.backend.fastmath``) are tested directly; when they run is the CPU
+backend's choice, tested by swapping in a ``CpuBackend`` with the knobs each test needs.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -9,23 +14,27 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from models.layers import attention, fastmath
-from models.layers.attention import attend
+from models import backend
+from models.backend import Backend, CpuBackend, fastmath
 from models.loader import load_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 
 
-@pytest.fixture(autouse=True)
-def _small_arrays_too(monkeypatch, fastmath_state) -> None:
-    # The tests use small arrays; take the compiled path for them too, except where a test
-    # restores the threshold to check it.
-    monkeypatch.setattr(fastmath, "MIN_ELEMENTS", 0)
+def attend(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask) -> mx.array:
+    return backend.sdpa(q, k, v, scale=scale, mask=mask)
+
+
+@pytest.fixture
+def small_arrays_too() -> Iterator[None]:
+    # The tests use small arrays: take the compiled path for them too.
+    with backend.use(CpuBackend(min_elements=0)):
+        yield
 
 
 @pytest.fixture
 def fast() -> None:
-    if not fastmath.enabled():
+    if not fastmath.available():
         pytest.skip("MLX cannot JIT-compile CPU kernels here (no C++ compiler)")
 
 
@@ -71,7 +80,9 @@ def test_softmax_with_and_without_a_mask(fast) -> None:
 
 @pytest.mark.parametrize(("B", "H", "K", "S"), [(1, 4, 4, 7), (2, 8, 2, 19), (3, 4, 1, 12)])
 @pytest.mark.parametrize("mask_kind", ["padding", "per-head", "causal", "none"])
-def test_decode_attention_matches_mlx_attention(fast, B, H, K, S, mask_kind) -> None:
+def test_decode_attention_matches_mlx_attention(
+    fast, small_arrays_too, B, H, K, S, mask_kind
+) -> None:
     keys = mx.random.split(mx.random.key(B * 100 + S), 3)
     q = mx.random.normal((B, H, 1, 16), key=keys[0])
     k = mx.random.normal((B, K, S, 16), key=keys[1])
@@ -98,52 +109,63 @@ def test_decode_attention_matches_mlx_attention(fast, B, H, K, S, mask_kind) -> 
     [(1, 4, 4, 7, 7), (1, 8, 2, 37, 37), (2, 4, 1, 20, 53), (1, 6, 3, 64, 200)],
 )
 @pytest.mark.parametrize("block_scores", [1 << 18, 256])  # one block; many, ragged last one
-def test_causal_prefill_attention_matches_mlx(
-    fast, monkeypatch, B, H, K, L, S, block_scores
-) -> None:
-    monkeypatch.setattr(attention, "_BLOCK_SCORES", block_scores)
+def test_causal_prefill_attention_matches_mlx(fast, B, H, K, L, S, block_scores) -> None:
     keys = mx.random.split(mx.random.key(L * 1000 + S), 3)
     q = mx.random.normal((B, H, L, 16), key=keys[0])
     k = mx.random.normal((B, K, S, 16), key=keys[1])
     v = mx.random.normal((B, K, S, 16), key=keys[2])
-    got = attend(q, k, v, scale=0.25, mask="causal")
+    with backend.use(CpuBackend(min_elements=0, block_scores=block_scores)):
+        got = attend(q, k, v, scale=0.25, mask="causal")
+        half = attend(
+            q.astype(mx.float16),
+            k.astype(mx.float16),
+            v.astype(mx.float16),
+            scale=0.25,
+            mask="causal",
+        )
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
     assert got.shape == want.shape and got.dtype == q.dtype
     assert mx.allclose(got, want, atol=2e-6).item()
     assert not mx.array_equal(got, want).item()  # the blocked path really ran
-    half = attend(
-        q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), scale=0.25, mask="causal"
-    )
     assert half.dtype == mx.float16
     assert mx.allclose(half.astype(mx.float32), want, atol=1e-2).item()
 
 
-def test_small_arrays_use_mlx_ops_and_large_ones_do_not(fast, monkeypatch) -> None:
-    monkeypatch.setattr(fastmath, "MIN_ELEMENTS", 4096)
+def test_small_arrays_use_mlx_ops_and_large_ones_do_not(fast) -> None:
     small = mx.random.normal((4095,), key=mx.random.key(5))
-    assert mx.array_equal(fastmath.swiglu(small, small), nn.silu(small) * small).item()
-    large = mx.random.normal((4096,), key=mx.random.key(6))
-    # The compiled path rounds differently from MLX's exp somewhere among 4,096 values.
-    assert not mx.array_equal(fastmath.exp(large * 5), mx.exp(large * 5)).item()
-    # Decode attention goes the compiled way only with enough (row, head, key) scores.
+    large = mx.random.normal((4096,), key=mx.random.key(6)) * 5
     q = mx.random.normal((1, 2, 1, 8), key=mx.random.key(7))
     kv = mx.random.normal((1, 2, 10, 8), key=mx.random.key(8))
-    want = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.5, mask=None)
-    assert mx.array_equal(attend(q, kv, kv, scale=0.5, mask=None), want).item()
+    with backend.use(CpuBackend()) as cpu:
+        assert cpu.min_elements == 4096
+        assert mx.array_equal(backend.swiglu(small, small), nn.silu(small) * small).item()
+        # The compiled path rounds differently from MLX's exp somewhere among 4,096 values.
+        assert not mx.array_equal(backend.swiglu(large, large), nn.silu(large) * large).item()
+        # Decode attention goes the compiled way only with enough (row, head, key) scores.
+        want = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.5, mask=None)
+        assert mx.array_equal(attend(q, kv, kv, scale=0.5, mask=None), want).item()
 
 
-def test_disabled_means_mlx_ops_exactly() -> None:
-    fastmath.set_enabled(False)
-    assert not fastmath.enabled()
+@pytest.mark.parametrize("swapped", [CpuBackend(fast_math=False, min_elements=0), Backend()])
+def test_without_fast_math_the_ops_are_mlx_exactly(swapped) -> None:
     x = mx.random.normal((4, 9), key=mx.random.key(3)) * 3
-    assert mx.array_equal(fastmath.exp(x), mx.exp(x)).item()
-    assert mx.array_equal(fastmath.swiglu(x, x), nn.silu(x) * x).item()
-    assert mx.array_equal(fastmath.softmax(x), mx.softmax(x, axis=-1)).item()
     q = mx.random.normal((1, 2, 3, 8), key=mx.random.key(4))
-    assert mx.array_equal(
-        attend(q, q, q, scale=0.5, mask="causal"),
-        mx.fast.scaled_dot_product_attention(q, q, q, scale=0.5, mask="causal"),
-    ).item()
+    w = mx.random.normal((9,), key=mx.random.key(5))
+    with backend.use(swapped):
+        assert not backend.fast_math_in_use()
+        assert mx.array_equal(backend.swiglu(x, x), nn.silu(x) * x).item()
+        assert mx.array_equal(backend.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5)).item()
+        assert mx.array_equal(
+            attend(q, q, q, scale=0.5, mask="causal"),
+            mx.fast.scaled_dot_product_attention(q, q, q, scale=0.5, mask="causal"),
+        ).item()
+
+
+def test_the_setting_turns_the_cpu_backend_off_and_on(fastmath_state) -> None:
+    backend.set_fast_math(False)
+    assert backend.kernels() == "MLX CPU math" and not backend.fast_math_in_use()
+    backend.set_fast_math(True)
+    assert backend.fast_math_in_use() == fastmath.available()
 
 
 def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, caplog) -> None:
@@ -151,11 +173,14 @@ def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, caplog) -> No
         raise RuntimeError("[Compile::eval_cpu] Failed to compile function")
 
     monkeypatch.setattr(fastmath, "_fast_exp", no_compiler)
-    fastmath._state.update(wanted=True, works=None)
-    assert not fastmath.enabled()
+    assert not fastmath.probe()
     assert "compiled CPU kernels unavailable" in caplog.text
-    x = mx.array([0.0, 1.0])
-    assert mx.array_equal(fastmath.exp(x), mx.exp(x)).item()
+    # The backend asks ``available`` (the cached probe); where it says no, MLX's ops run.
+    monkeypatch.setattr(fastmath, "available", lambda: False)
+    x = mx.random.normal((64,), key=mx.random.key(1))
+    with backend.use(CpuBackend(min_elements=0)) as cpu:
+        assert not cpu.fast_math_active()
+        assert mx.array_equal(backend.swiglu(x, x), nn.silu(x) * x).item()
 
 
 def _greedy(model: nn.Module, prompt: list[int], n: int) -> list[int]:
@@ -175,7 +200,7 @@ def test_greedy_output_is_the_same_with_and_without(fast, family) -> None:
         mx.random.randint(0, config["vocab_size"], (33,), key=mx.random.key(s)).tolist()
         for s in range(2)
     ]
-    fastmath.set_enabled(False)
-    native = [_greedy(model, p, 24) for p in prompts]
-    fastmath.set_enabled(True)
-    assert [_greedy(model, p, 24) for p in prompts] == native
+    with backend.use(CpuBackend(fast_math=False)):
+        native = [_greedy(model, p, 24) for p in prompts]
+    with backend.use(CpuBackend()):
+        assert [_greedy(model, p, 24) for p in prompts] == native

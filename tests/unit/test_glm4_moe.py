@@ -109,7 +109,7 @@ def test_transformers5_rope_parameters_win() -> None:
     rope = {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.25}
     attn = _model(rope_parameters=rope, rope_theta=1.0).layers[0].self_attn
     assert attn.rope.dims == 8
-    assert attn.rope.base == 5e5
+    assert attn.rope.schedule.base == 5e5
 
 
 def test_first_k_dense_replace_and_shared_expert_width() -> None:

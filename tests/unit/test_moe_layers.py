@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
-from models.layers import moe
+from models import backend
+from models.backend import CpuBackend, experts
 from models.layers.moe import SwitchGLU, grouped_topk, softmax_topk, topk_softmax
 
 
@@ -32,7 +34,7 @@ def _reference_glu(layer: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
 @pytest.mark.parametrize("tokens", [1, 3, 20, 80])
 @pytest.mark.parametrize("strategy", ["gather", "dense", "grouped"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_dispatch_paths_agree_with_definition(monkeypatch, tokens, strategy, bias) -> None:
+def test_dispatch_paths_agree_with_definition(tokens, strategy, bias) -> None:
     mx.random.seed(tokens)
     layer = SwitchGLU(32, 16, num_experts=6, bias=bias)
     if bias:
@@ -40,33 +42,52 @@ def test_dispatch_paths_agree_with_definition(monkeypatch, tokens, strategy, bia
             p.bias = mx.random.normal(p.bias.shape)
     x = mx.random.normal((tokens, 32))
     inds = mx.argsort(mx.random.uniform(shape=(tokens, 6)), axis=-1)[:, :2].astype(mx.uint32)
-    monkeypatch.setattr(moe, "dispatch_strategy", lambda *_a: strategy)
-    out = layer(x, inds)
+
+    class Forced(CpuBackend):
+        def expert_strategy(self, *_args) -> str:
+            return strategy
+
+    with backend.use(Forced()):
+        out = layer(x, inds)
     assert out.shape == (tokens, 2, 32)
     assert mx.allclose(out, _reference_glu(layer, x, inds), atol=1e-4).item()
 
 
-def test_cpu_dispatch_policy(monkeypatch) -> None:
-    monkeypatch.setattr(moe, "gemv_forwarding", lambda: False)
-    assert moe.dispatch_strategy(1, quantized=False) == "gather"
-    assert moe.dispatch_strategy(moe.CPU_GATHER_MAX_TOKENS, quantized=False) == "gather"
-    assert moe.dispatch_strategy(moe.CPU_GATHER_MAX_TOKENS + 1, quantized=False) == "dense"
-    assert moe.dispatch_strategy(16, quantized=False) == "dense"
-    assert moe.dispatch_strategy(moe.CPU_DENSE_MAX_TOKENS + 1, quantized=False) == "grouped"
-    assert moe.dispatch_strategy(16, quantized=True) == "gather"
+def test_cpu_dispatch_policy() -> None:
+    pick = CpuBackend(gemv=False).expert_strategy
+    f32 = mx.float32
+    assert pick(1, False, f32) == "gather"
+    assert pick(experts.CPU_GATHER_MAX_TOKENS, False, f32) == "gather"
+    assert pick(experts.CPU_GATHER_MAX_TOKENS + 1, False, f32) == "dense"
+    assert pick(16, False, f32) == "dense"
+    assert pick(experts.CPU_DENSE_MAX_TOKENS + 1, False, f32) == "grouped"
+    assert pick(16, True, f32) == "gather"
     # MLX's CPU gather_mm is float32-only: half precision takes the dense path instead.
-    assert moe.dispatch_strategy(1, quantized=False, dtype=mx.float16) == "dense"
-    assert moe.dispatch_strategy(1, quantized=False, dtype=mx.bfloat16) == "dense"
+    assert pick(1, False, mx.float16) == "dense"
+    assert pick(1, False, mx.bfloat16) == "dense"
 
 
-def test_cpu_dispatch_policy_with_gemv_forwarding(monkeypatch) -> None:
+def test_cpu_dispatch_policy_with_gemv_forwarding() -> None:
     # 1-row products at sgemv speed make gather_mm the fastest up to ~100 tokens.
-    monkeypatch.setattr(moe, "gemv_forwarding", lambda: True)
-    assert moe.dispatch_strategy(16, quantized=False) == "gather"
-    assert moe.dispatch_strategy(moe.CPU_GEMV_GATHER_MAX_TOKENS, quantized=False) == "gather"
-    assert moe.dispatch_strategy(moe.CPU_GEMV_GATHER_MAX_TOKENS + 1, quantized=False) == "grouped"
-    assert moe.dispatch_strategy(1, quantized=False, dtype=mx.float16) == "dense"
-    assert moe.dispatch_strategy(512, quantized=False, dtype=mx.float16) == "grouped"
+    pick = CpuBackend(gemv=True).expert_strategy
+    f32 = mx.float32
+    assert pick(16, False, f32) == "gather"
+    assert pick(experts.CPU_GEMV_GATHER_MAX_TOKENS, False, f32) == "gather"
+    assert pick(experts.CPU_GEMV_GATHER_MAX_TOKENS + 1, False, f32) == "grouped"
+    assert pick(1, False, mx.float16) == "dense"
+    assert pick(512, False, mx.float16) == "grouped"
+
+
+def test_the_plain_backend_always_gathers() -> None:
+    # Metal (and quantized weights anywhere) run gather_mm / gather_qmm whatever the size.
+    mx.random.seed(1)
+    layer = SwitchGLU(32, 16, num_experts=6)
+    x = mx.random.normal((40, 32))
+    inds = mx.argsort(mx.random.uniform(shape=(40, 6)), axis=-1)[:, :2].astype(mx.uint32)
+    with backend.use(backend.Backend()):
+        plain = layer(x, inds)
+    want = experts.gathered(x, inds, layer.gate_proj, layer.up_proj, layer.down_proj, swiglu)
+    assert mx.array_equal(plain, want).item()
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
@@ -82,6 +103,10 @@ def test_half_precision_decode_runs_on_the_cpu(dtype) -> None:
     out = layer(x.astype(dtype), inds)
     assert out.dtype == dtype
     assert mx.allclose(out.astype(mx.float32), want, atol=2e-2).item()
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
 
 
 def _softmax(v: list[float]) -> list[float]:

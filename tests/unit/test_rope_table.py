@@ -5,9 +5,13 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
+from models import backend
+from models.backend import CpuBackend
+from models.backend.rope import RopeTables
 from models.cache import BatchKVCache, KVCache
-from models.layers import rope as rope_mod
 from models.layers.rope import RoPE, RopeConfig
+from models.loader import load_model
+from tests.helpers import FIXTURES
 
 CONFIGS = {
     "default": RopeConfig(theta=10000.0),
@@ -27,11 +31,6 @@ CONFIGS = {
 }
 
 
-def _reference(rope: RoPE, x: mx.array, offset: int | mx.array) -> mx.array:
-    """What RoPE returned before the tables: mx.fast.rope on every call."""
-    return rope(x, offset)  # no positions_key: straight to mx.fast.rope
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
 @pytest.mark.parametrize(
@@ -45,41 +44,54 @@ def test_tables_are_bitwise_mlx(name, dtype, B, L, offset) -> None:
         offset = mx.array([5, 17, 90][:B], dtype=mx.int32)
     elif offset == "one-row":
         offset = mx.array([41], dtype=mx.int32)
-    key = offset if isinstance(offset, int) else ("test", tuple(offset.tolist()))
-    got = rope(x, offset, key)
-    want = _reference(rope, x, offset)
+    want = rope(x, offset)  # outside a forward pass: straight to mx.fast.rope
+    with backend.use(CpuBackend()) as cpu, cpu.forward_pass():
+        got = rope(x, offset)
+        assert len(cpu._tables) == 1  # the table path really ran
     assert got.dtype == want.dtype == dtype
     assert mx.array_equal(got, want).item()
 
 
-def test_one_table_serves_every_layer_and_the_keys(monkeypatch) -> None:
-    monkeypatch.setattr(rope_mod, "_TABLES", type(rope_mod._TABLES)())
+def test_one_table_per_pass_serves_every_layer_and_the_keys() -> None:
     layers = [RoPE(16, CONFIGS["default"]) for _ in range(3)]
     q = mx.random.normal((2, 4, 1, 16), key=mx.random.key(1))
     k = mx.random.normal((2, 2, 1, 16), key=mx.random.key(2))
-    offset, key = mx.array([10, 12]), (12, (2, 0))
-    for layer in layers:
-        layer(q, offset, key), layer(k, offset, key)
-    assert len(rope_mod._TABLES) == 1
-    layers[0](q, mx.array([11, 13]), (13, (2, 0)))  # the next step: a new table
-    layers[0](q, 7, 7)  # another schedule of positions
-    assert len(rope_mod._TABLES) == 3
-    for step in range(20):  # old tables are dropped
-        layers[0](q, step, step)
-    assert len(rope_mod._TABLES) == rope_mod._TABLES_KEPT
+    with backend.use(CpuBackend()) as cpu:
+        with cpu.forward_pass():
+            tables = cpu._tables
+            for layer in layers:
+                layer(q, mx.array([10, 12])), layer(k, mx.array([10, 12]))
+            assert len(tables) == 1
+            layers[0](q, 7)  # another length or schedule of positions: another table
+            RoPE(16, CONFIGS["linear"])(q, mx.array([10, 12]))
+            assert len(tables) == 3
+        assert cpu._tables is None  # the pass's tables go with it
+        with cpu.forward_pass():  # the next step brings new positions, and a new table
+            layers[0](q, mx.array([11, 13]))
+            assert len(cpu._tables) == 1 and cpu._tables is not tables
 
 
-def test_cache_keys_follow_the_positions() -> None:
-    a, b = KVCache(), KVCache()
-    kv = mx.zeros((1, 2, 3, 8))
-    a.update_and_fetch(kv, kv)
-    b.update_and_fetch(kv, kv)
-    assert a.rope_key == b.rope_key == 3
-    batch = BatchKVCache.merge([a, b])
-    other = BatchKVCache.merge([b, a])
-    assert batch.rope_key == other.rope_key  # same positions, same table
-    c = KVCache()
+def test_the_model_shares_tables_within_a_pass_only(monkeypatch) -> None:
+    made: list[RopeTables] = []
+    real = RopeTables.__init__
+
+    def record(self) -> None:
+        real(self)
+        made.append(self)
+
+    monkeypatch.setattr(RopeTables, "__init__", record)
+    model, _ = load_model(FIXTURES / "qwen2_moe_a" / "mlx", "float32")
+    with backend.use(CpuBackend()):
+        cache = model.make_cache()
+        model(mx.array([[1, 2, 3, 4]]), cache=cache)
+        batch = [BatchKVCache.merge([c, c]) for c in cache]
+        model(mx.array([[5], [6]]), cache=batch)
+    assert [len(t) for t in made] == [1, 1]  # one schedule, one table per forward pass
+
+
+def test_batched_positions_follow_the_padding() -> None:
+    a, c = KVCache(), KVCache()
+    a.update_and_fetch(mx.zeros((1, 2, 3, 8)), mx.zeros((1, 2, 3, 8)))
     c.update_and_fetch(mx.zeros((1, 2, 1, 8)), mx.zeros((1, 2, 1, 8)))
-    padded = BatchKVCache.merge([a, c])
-    assert padded.rope_key != batch.rope_key
-    assert padded.rope_offset.tolist() == [3, 1]
+    assert a.rope_offset == 3
+    assert BatchKVCache.merge([a, c]).rope_offset.tolist() == [3, 1]

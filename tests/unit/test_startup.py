@@ -19,9 +19,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 import models.loader as loader
-from models.blas import blas_in_use
+from models.backend import fast_math_in_use
+from models.backend.blas import blas_in_use
 from models.errors import ModelError
-from models.layers import fastmath
 from server import cli
 from server.settings import Settings, cli_flag, env_var
 from server.startup import (
@@ -167,7 +167,7 @@ def test_summary_line(demo_dir: Path) -> None:
     assert f"{format_count(sum(v.size for v in params))} parameters" in line
     assert "float32 weights" in line
     assert format_bytes(sum(v.nbytes for v in params)) in line and "MiB" in line
-    kernels = "compiled CPU math" if fastmath.enabled() else "MLX CPU math"
+    kernels = "compiled CPU math" if fast_math_in_use() else "MLX CPU math"
     assert f"BLAS: {blas_in_use()}, {kernels};" in line
     assert line.endswith("at http://127.0.0.1:8000/v1")
 
@@ -175,7 +175,7 @@ def test_summary_line(demo_dir: Path) -> None:
 def test_summary_line_names_the_cpu_kernels(demo_dir: Path, fastmath_state) -> None:
     settings = Settings(cpu_fast_math=False)
     served = load_served_model(settings)
-    assert not fastmath.enabled()
+    assert not fast_math_in_use()
     assert ", MLX CPU math;" in summary_line(served, settings)
 
 
@@ -184,7 +184,7 @@ def test_compute_settings_reach_mlx(fastmath_state) -> None:
     try:
         apply_compute_settings(Settings(mlx_cache_limit_bytes=12_345_678, cpu_fast_math=False))
         assert mx.set_cache_limit(1 << 20) == 12_345_678
-        assert not fastmath.enabled()
+        assert not fast_math_in_use()
         apply_compute_settings(Settings())  # unset: MLX's limit stays as it is
         assert mx.set_cache_limit(1 << 20) == 1 << 20
     finally:

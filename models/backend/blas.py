@@ -5,7 +5,7 @@ GFLOP/s; OpenBLAS (or BLIS) on the same machine is 15-30x faster. Loading the op
 library into the process's global symbol scope *before* MLX's shared library is loaded makes
 the dynamic linker bind MLX's ``cblas_*`` calls to it: the same effect as ``LD_PRELOAD``,
 without asking the user to set it. After ``mlx.core`` is imported it is too late, so this
-runs first thing in ``models/__init__.py``.
+runs first thing in ``models/backend/__init__.py``.
 
 With OpenBLAS, matrix-vector products (one-row matmuls: every single-stream decode step)
 also go through a small C shim, ``gemv_forward.c``, that sends them to ``cblas_sgemv``:

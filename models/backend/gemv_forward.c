@@ -1,4 +1,4 @@
-/* cblas_sgemm that sends matrix-vector products to cblas_sgemv (built by models/blas.py).
+/* cblas_sgemm that sends matrix-vector products to cblas_sgemv (built by models/backend/blas.py).
  *
  * MLX's CPU backend does every float32 product with cblas_sgemm, including the 1-row ones of
  * single-stream decoding (x @ W.T with x of shape [1, K]). OpenBLAS before 0.3.27 (Debian 12
@@ -8,7 +8,7 @@
  * forwarding themselves (GEMM_GEMV_FORWARD); it is harmless on top of them.
  *
  * Loaded into the global symbol scope ahead of the BLAS, this definition of cblas_sgemm is
- * the one MLX binds to. models/blas.py hands it the BLAS's own sgemm and sgemv through
+ * the one MLX binds to. models/backend/blas.py hands it the BLAS's own sgemm and sgemv through
  * moeserve_blas_bind before MLX is imported. Only row-major calls with one row (M == 1) or
  * one column (N == 1) and K > 0 are rerouted; every other call goes to the BLAS unchanged.
  */

@@ -1,4 +1,4 @@
-"""Transcendental functions for the CPU backend: a compiled, vectorisable ``exp`` and what uses it.
+"""The CPU backend's compiled kernels: a vectorisable ``exp``, what uses it, and RMSNorm's tail.
 
 Why this exists: on MLX's CPU backend ``mx.exp`` (and so ``softmax``, ``sigmoid``, ``silu``
 and the CPU fallback of ``scaled_dot_product_attention``) costs 12-17 ns per element on the
@@ -18,10 +18,16 @@ compiler vectorises (two kernels and a consumer's tail, see ``_kernels``), it is
 than ``mx.exp`` and more accurate (max relative error 8e-8 against float64, versus 3e-6 for
 ``mx.exp`` on the same inputs; ``tests/unit/test_fastmath.py``).
 
-On the GPU nothing here is used: Metal's ``exp`` and fused attention are already fast. On the
-CPU the compiled kernels need a C++ compiler at run time (MLX JIT-compiles them); ``enabled``
-probes that once and falls back to MLX's own ops when it fails. ``set_enabled(False)`` (the
-``cpu_fast_math = false`` setting) turns the whole module off for A/B comparisons.
+``rms_norm`` is the other kernel: ``mx.fast.rms_norm`` has no CPU kernel and expands into
+about eight small ops (casts, square, mean, add, rsqrt, two products), where every op costs a
+few µs of dispatch whatever its size (bench/RESULTS.md, section 6). Here the elementwise tail
+after the mean is one compiled kernel, with the same operations in the same order as MLX's
+CPU path, so the result is bitwise the same (``tests/unit/test_norm.py``) in three ops.
+
+This module knows the kernels and whether they work here (MLX JIT-compiles them with the
+system C++ compiler; ``available`` probes that once). It does not decide when they are worth
+using: every function here always takes the compiled path, and the CPU backend
+(``models/backend/cpu.py``) chooses, by device, setting and size, between them and MLX's ops.
 
 Every function computes in float32 and returns its input's dtype (``swiglu``: ``up``'s).
 """
@@ -32,7 +38,6 @@ import logging
 import threading
 
 import mlx.core as mx
-import mlx.nn as nn
 
 logger = logging.getLogger(__name__)
 
@@ -113,21 +118,21 @@ def _fast_swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return _swiglu_tail_c(gate, *_neg_parts(gate), up)
 
 
-_lock = threading.Lock()
-_state: dict[str, bool | None] = {"wanted": True, "works": None}
+def _rms_tail(x: mx.array, mean_square: mx.array, weight: mx.array, eps: mx.array) -> mx.array:
+    out_type = mx.result_type(x, weight)
+    y = (x.astype(mx.float32) * mx.rsqrt(mean_square + eps)).astype(out_type)
+    return y * weight.astype(out_type)
 
 
-def set_enabled(wanted: bool) -> None:
-    """Turn the compiled CPU kernels on or off for this process.
+_rms_tail_c = mx.compile(_rms_tail, shapeless=True)
 
-    Args:
-        wanted: False makes every function here defer to MLX's own ops.
+
+def probe() -> bool:
+    """Compile and run the kernels once; False (with a warning) if MLX cannot JIT them here.
+
+    Returns:
+        True when every kernel compiled and ran.
     """
-    _state["wanted"] = wanted
-
-
-def _probe() -> bool:
-    """Compile and run the kernels once; False (with a warning) if MLX cannot JIT them here."""
     try:
         x = mx.array([-mx.inf, -1.0, 0.0, 1.0])
         mx.eval(_fast_exp(x), _fast_swiglu(x, x))
@@ -138,37 +143,21 @@ def _probe() -> bool:
         return False
 
 
-def enabled() -> bool:
-    """Whether the compiled kernels are in use: wanted, on the CPU backend, and working.
+_lock = threading.Lock()
+_probed: dict[str, bool] = {}
+
+
+def available() -> bool:
+    """Whether the kernels work in this process (probed once, on first use).
 
     Returns:
-        True when the functions below take the fast path.
+        True when MLX could compile and run them.
     """
-    if not _state["wanted"] or mx.default_device().type != mx.DeviceType.cpu:
-        return False
-    if _state["works"] is None:
+    if "works" not in _probed:
         with _lock:
-            if _state["works"] is None:
-                _state["works"] = _probe()
-    return bool(_state["works"])
-
-
-# Below this many elements MLX's own op is as fast: the compiled path runs three kernels where
-# MLX runs one or two, and at this size dispatch, not arithmetic, is the cost (measured
-# crossover 2-4k elements on the bench machine).
-MIN_ELEMENTS = 4096
-
-
-def worthwhile(size: int) -> bool:
-    """Whether an operation over ``size`` elements should take the compiled path.
-
-    Args:
-        size: Elements the transcendental function is applied to.
-
-    Returns:
-        True when ``enabled()`` and ``size >= MIN_ELEMENTS``.
-    """
-    return size >= MIN_ELEMENTS and enabled()
+            if "works" not in _probed:
+                _probed["works"] = probe()
+    return _probed["works"]
 
 
 def exp(x: mx.array, shift: mx.array | None = None) -> mx.array:
@@ -181,8 +170,6 @@ def exp(x: mx.array, shift: mx.array | None = None) -> mx.array:
     Returns:
         ``x``'s shape and dtype.
     """
-    if not worthwhile(x.size):
-        return mx.exp(x if shift is None else x - shift)
     if shift is None:
         return _fast_exp(x)
     return _exp_tail_c(*_shifted_parts(x, shift), x)
@@ -198,7 +185,7 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     Returns:
         The activation, in ``up``'s dtype.
     """
-    return _fast_swiglu(gate, up) if worthwhile(gate.size) else nn.silu(gate) * up
+    return _fast_swiglu(gate, up)
 
 
 def softmax(x: mx.array, axis: int = -1, keep: mx.array | None = None) -> mx.array:
@@ -214,13 +201,25 @@ def softmax(x: mx.array, axis: int = -1, keep: mx.array | None = None) -> mx.arr
         Probabilities in ``x``'s dtype.
     """
     x32 = x.astype(mx.float32)
-    if not worthwhile(x.size):
-        if keep is not None:
-            x32 = mx.where(keep, x32, -mx.inf)
-        return mx.softmax(x32, axis=axis).astype(x.dtype)
     if keep is None:
         e = _exp_tail_c(*_shifted_parts(x32, mx.max(x32, axis=axis, keepdims=True)), x32)
     else:
         row_max = mx.max(mx.where(keep, x32, -mx.inf), axis=axis, keepdims=True)
         e = _masked_tail_c(*_shifted_parts(x32, row_max), keep)
     return (e / mx.sum(e, axis=axis, keepdims=True)).astype(x.dtype)
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, bitwise ``mx.fast.rms_norm``.
+
+    Args:
+        x: ``[..., M]``.
+        weight: ``[M]``.
+        eps: Added to the mean square.
+
+    Returns:
+        ``x``'s shape, in the promoted dtype of ``x`` and ``weight`` (as MLX's).
+    """
+    x32 = x.astype(mx.float32)
+    mean_square = mx.mean(mx.square(x32), axis=-1, keepdims=True)
+    return _rms_tail_c(x, mean_square, weight, mx.array(eps, dtype=mx.float32))
