@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from models.backend import is_cpu
 from models.errors import ModelError
 from models.loader import load
 from server.demo import demo_model_dir
@@ -196,10 +197,8 @@ def _with_default_command(argv: Sequence[str] | None) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import mlx.core as mx
-
     # As the server's dtype "auto": float32 on a CPU backend, where it is the fast path.
-    dtype = args.dtype or ("float32" if mx.default_device().type == mx.cpu else None)
+    dtype = args.dtype or ("float32" if is_cpu() else None)
     loaded = load(args.model or demo_model_dir(), dtype=dtype)
     tokenizer = Tokenizer.from_dir(loaded.path)
     if args.raw:

@@ -331,10 +331,10 @@ class Settings(BaseSettings):
         """
         if self.dtype != "auto":
             return self.dtype
-        import mlx.core as mx  # lazily: settings load before anything needs MLX
+        from models.backend import is_cpu  # lazily: settings load before anything needs MLX
 
         # MLX's CPU half-precision and quantized kernels are far slower than its float32 path.
-        return "float32" if mx.default_device().type == mx.cpu else None
+        return "float32" if is_cpu() else None
 
     def scheduler_config(self, model_max_len: int) -> SchedulerConfig:
         """The scheduler's limits.
