@@ -31,10 +31,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, CausalLM, pre_norm_block, run_layers
-from models.layers.attention import Attention, AttentionConfig, AttentionNames
+from models.base import BaseModelArgs, CausalLM, DecoderStack, StackNames
+from models.layers.attention import Attention, AttentionConfig, AttentionNames, gqa_config
+from models.layers.decoder import LayerNames, PreNormDecoderLayer
 from models.layers.mlp import GatedMLP
-from models.layers.moe import SwitchGLU, combine_experts, grouped_topk
+from models.layers.moe import SharedExpertMoE, SwitchGLU, grouped_topk
 from models.layers.norm import RMSNorm
 from models.layers.rope import RopeConfig, rope_config_from
 from models.quantize import QuantOverride
@@ -43,7 +44,6 @@ from models.sanitize import drop_prefixes, rename, stack_experts
 # Shape legend: B = batch, L = new tokens, T = B*L flattened tokens, M = hidden size,
 # E = routed experts, A = experts per token (top-k), V = vocabulary.
 
-_GLU_NAMES = {name: name for name in ("gate_proj", "up_proj", "down_proj")}
 _NORM_HEAD_EPS = 1e-7  # the publisher's epsilon in the column norm
 
 
@@ -140,12 +140,8 @@ class ModelArgs(BaseModelArgs):
 
 def _attention_config(args: ModelArgs) -> AttentionConfig:
     """Bailing's attention: fused QKV named ``query_key_value``, output named ``dense``."""
-    return AttentionConfig(
-        hidden_size=args.hidden_size,
-        num_heads=args.num_attention_heads,
-        num_kv_heads=args.num_key_value_heads,
-        head_dim=args.head_dim,
-        rope=args.rope,
+    return gqa_config(
+        args,
         qkv_bias=args.use_qkv_bias,
         o_bias=args.use_bias,
         qk_norm_eps=args.rms_norm_eps if args.use_qk_norm else None,
@@ -192,7 +188,7 @@ class Gate(nn.Module):
         )
 
 
-class SparseMoeBlock(nn.Module):
+class SparseMoeBlock(SharedExpertMoE):
     """Routed experts chosen by ``Gate`` plus optional always-on shared experts, summed.
 
     For each token x: the gate scores the E experts (softmax, or sigmoid plus the selection
@@ -203,93 +199,38 @@ class SparseMoeBlock(nn.Module):
     """
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
         M = args.hidden_size
-        self.gate = Gate(args)
-        self.switch_mlp = SwitchGLU(M, args.moe_intermediate_size, args.num_experts, args.use_bias)
         width = (args.moe_shared_expert_intermediate_size or args.moe_intermediate_size) * (
             args.num_shared_experts if args.moe_router_enable_shared_expert else 0
         )
-        self.shared_experts = GatedMLP(M, width, args.use_bias) if width > 0 else None
-
-    def __call__(self, x: mx.array) -> mx.array:
-        """Apply the block to flattened tokens.
-
-        Args:
-            x: ``[T, M]``.
-
-        Returns:
-            ``[T, M]``.
-        """
-        inds, weights = self.gate(x)  # [T, A], [T, A]
-        y = combine_experts(self.switch_mlp(x, inds), weights)  # [T, M]
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        super().__init__(
+            Gate(args),
+            SwitchGLU(M, args.moe_intermediate_size, args.num_experts, args.use_bias),
+            GatedMLP(M, width, args.use_bias) if width > 0 else None,
+        )
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm block: ``h = x + attention(norm(x))``, then ``h + ffn(norm(h))``."""
+class DecoderLayer(PreNormDecoderLayer):
+    """A pre-norm layer: a dense MLP in the first ``first_k_dense_replace``, then the MoE block.
+
+    The attention sub-module is named ``attention`` (``self_attn`` elsewhere).
+    """
 
     def __init__(self, args: ModelArgs, layer: int) -> None:
-        super().__init__()
         M = args.hidden_size
-        self.attention = Attention(_attention_config(args))
         sparse = args.is_sparse(layer)
-        self.mlp = (
-            SparseMoeBlock(args) if sparse else GatedMLP(M, args.intermediate_size, args.use_bias)
-        )
-        self.input_layernorm = RMSNorm(M, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(M, eps=args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
-        """Run the layer.
-
-        Args:
-            x: Hidden states ``[B, L, M]``.
-            mask: From ``models.base.attention_mask``.
-            cache: This layer's KV cache, or None.
-
-        Returns:
-            ``[B, L, M]``.
-        """
-        return pre_norm_block(
-            x,
-            mask,
-            cache,
-            attention=self.attention,
-            attention_norm=self.input_layernorm,
-            ffn=self.mlp,
-            ffn_norm=self.post_attention_layernorm,
-        )
-
-
-class BailingMoeModel(nn.Module):
-    """Embedding, the decoder layers and the final norm (everything but the output head)."""
-
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.word_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
-        """Map token ids ``[B, L]`` to final hidden states ``[B, L, M]``.
-
-        Args:
-            inputs: Token ids.
-            cache: One KV cache per layer, or None.
-
-        Returns:
-            Normalised hidden states.
-        """
-        h = self.word_embeddings(inputs)  # [B, L, M]
-        h = run_layers(h, self.layers, cache)
-        return self.norm(h)
+        ffn = SparseMoeBlock(args) if sparse else GatedMLP(M, args.intermediate_size, args.use_bias)
+        attention = Attention(_attention_config(args))
+        names = LayerNames(attention="attention")
+        super().__init__(attention, ffn, M, args.rms_norm_eps, names)
 
 
 class Model(CausalLM):
-    """Bailing-MoE causal language model (the model protocol of ``models.base``)."""
+    """Bailing-MoE causal language model (the model protocol of ``models.base``).
+
+    The inner model is ``models.base.DecoderStack`` under the MLX-layout names
+    (``model.word_embeddings``, ``model.layers``, ``model.norm``).
+    """
 
     # The router is tiny but every token's expert choice hangs on it, so mlx-lm keeps it at
     # 8 bits when the rest goes to 4; these are that exception's parameters.
@@ -298,37 +239,11 @@ class Model(CausalLM):
     ROUTER_GROUP_SIZE = 64
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = BailingMoeModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(
-        self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False
-    ) -> mx.array:
-        """Compute next-token logits.
-
-        Args:
-            inputs: Token ids, int32 ``[B, L]``.
-            cache: One KV cache per layer (from ``make_cache``), or None.
-            last_only: Logits for the last position only (``L`` = 1 in the result).
-
-        Returns:
-            Logits ``[B, L, V]`` (``[B, 1, V]`` with ``last_only``).
-        """
-        h = self.model(inputs, cache)  # [B, L, M]
-        if last_only:  # prefill samples one position: skip the head's V x M work for the rest
-            h = h[:, -1:]
-        if self.args.tie_word_embeddings:
-            return self.model.word_embeddings.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        """The decoder layers, one KV cache each."""
-        return self.model.layers
+        layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        names = StackNames(embedding="word_embeddings")
+        stack = DecoderStack(args.vocab_size, args.hidden_size, layers, norm, names)
+        super().__init__(args, stack, tied=args.tie_word_embeddings)
 
     @property
     def quant_overrides(self) -> tuple[QuantOverride, ...]:
@@ -360,7 +275,7 @@ class Model(CausalLM):
             for i in range(self.args.num_hidden_layers)
             if self.args.is_sparse(i)
         ]
-        weights = stack_experts(weights, sparse, self.args.num_experts, _GLU_NAMES)
+        weights = stack_experts(weights, sparse, self.args.num_experts)
         return rename(weights, ".mlp.gate.weight", ".mlp.gate.gate_proj.weight")
 
     def cast_predicate(self, name: str) -> bool:

@@ -1,13 +1,22 @@
-"""What every model file shares: the config base class, the model protocol and attention masks.
+"""What every model file shares: the config base, the model protocol, the stack and the head.
+
+``BaseModelArgs.from_dict`` reads a config; ``DecoderStack`` is the inner model of every
+family (embedding, the decoder layers under one mask and one backend forward pass, the final
+norm); ``CausalLM`` is the ``Model`` base: the forward pass of the protocol, the tied or
+separate output head, ``layers``, ``make_cache`` and the loading hooks' defaults. A model file
+keeps what differs: its layers, its checkpoint names and its ``sanitize``.
 
 This module knows the contract between ``models/`` and ``server/``; it knows nothing of any
 particular architecture, of HTTP, of sessions or of chat templates.
+
+Shape legend: B = batch, L = new tokens, M = hidden size, V = vocabulary.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
@@ -16,6 +25,8 @@ import mlx.nn as nn
 from models import backend
 from models.cache import KVCache
 from models.errors import ConfigError
+from models.layers.rope import RopeConfig, rope_config_from
+from models.quantize import QuantOverride
 
 
 @dataclasses.dataclass
@@ -26,6 +37,16 @@ class BaseModelArgs:
     ignored (configs carry many training-only keys), and a missing required key is named in
     the error rather than surfacing as a ``TypeError`` deep in ``__init__``.
     """
+
+    @property
+    def rope(self) -> RopeConfig:
+        """Rotary settings read from this config's fields, whichever spelling it used.
+
+        The fields are the config's own (``rope_theta``, ``rope_scaling``,
+        ``rope_parameters``, ``partial_rotary_factor``, ``max_position_embeddings``); a family
+        whose config spells them otherwise overrides this.
+        """
+        return rope_config_from(vars(self))
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> BaseModelArgs:
@@ -92,22 +113,6 @@ class LanguageModel(Protocol):
         ...
 
 
-class CausalLM(nn.Module):
-    """Base of every architecture's ``Model``: what the protocol needs besides the forward.
-
-    Subclasses provide ``__call__``, ``layers`` and ``sanitize``; one KV cache per layer is
-    the same for all of them.
-    """
-
-    def make_cache(self) -> list[KVCache]:
-        """Fresh, empty per-layer caches for one sequence.
-
-        Returns:
-            One ``KVCache`` per decoder layer.
-        """
-        return [KVCache() for _ in self.layers]
-
-
 def attention_mask(length: int, cache: Any | None) -> mx.array | str | None:
     """The mask for ``length`` new query tokens attending to ``cache`` plus themselves.
 
@@ -132,55 +137,165 @@ def attention_mask(length: int, cache: Any | None) -> mx.array | str | None:
     return "causal" if length > 1 else None
 
 
-def pre_norm_block(
-    x: mx.array,
-    mask: mx.array | str | None,
-    cache: Any | None,
-    *,
-    attention: Any,
-    attention_norm: Any,
-    ffn: Any,
-    ffn_norm: Any,
-) -> mx.array:
-    """The pre-norm decoder layer shared by Qwen2-MoE, GLM-4-MoE and Bailing.
+@dataclass(frozen=True)
+class StackNames:
+    """Checkpoint names of the inner model's parts (MLX layout)."""
 
-    ``h = x + attention(norm(x))`` then ``h + ffn(norm(h))``; the feed-forward block (dense or
-    MoE) sees the tokens flattened to ``[T, M]``, the shape the MoE routers work on.
+    embedding: str = "embed_tokens"  # Bailing: "word_embeddings", DBRX: "wte"
+    layers: str = "layers"  # DBRX: "blocks"
+    norm: str = "norm"  # DBRX: "norm_f"
+
+
+class DecoderStack(nn.Module):
+    """The inner model: token embedding, the decoder layers and the final norm.
+
+    Every family's inner model does exactly this; only the names differ (``StackNames``),
+    and Granite scales the embeddings (``embedding_scale``). The mask is built once for the
+    whole stack, and the layers run inside one ``backend.forward_pass`` (where the CPU
+    backend shares its RoPE tables): every layer's cache holds the same positions.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        layers: list[nn.Module],
+        norm: nn.Module,
+        names: StackNames = StackNames(),
+        embedding_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.names = names
+        self.embedding_scale = embedding_scale  # muP multiplier (Granite); None: none
+        setattr(self, names.embedding, nn.Embedding(vocab_size, hidden_size))
+        setattr(self, names.layers, layers)
+        setattr(self, names.norm, norm)
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        """The token embedding (also the output head of tied models)."""
+        return self[self.names.embedding]
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The decoder layers, one KV cache each."""
+        return self[self.names.layers]
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+        """Map token ids ``[B, L]`` to final hidden states ``[B, L, M]``.
+
+        Args:
+            inputs: Token ids.
+            cache: One KV cache per layer, or None for a stateless pass.
+
+        Returns:
+            Normalised hidden states.
+        """
+        h = self.embedding(inputs)  # [B, L, M]
+        if self.embedding_scale is not None:
+            h = h * self.embedding_scale
+        layers = self.decoder_layers()
+        caches = cache if cache is not None else [None] * len(layers)
+        mask = attention_mask(h.shape[1], caches[0])
+        with backend.forward_pass():  # one set of positions for every layer (RoPE tables)
+            for layer, layer_cache in zip(layers, caches):
+                h = layer(h, mask, layer_cache)
+        return self[self.names.norm](h)
+
+
+class CausalLM(nn.Module):
+    """Base of every architecture's ``Model``: the protocol's forward pass over a ``DecoderStack``.
+
+    ``model(tokens, cache, last_only)`` runs the stack and the output head, which is the
+    embedding matrix itself when the weights are tied (``as_linear``) and a bias-free
+    ``lm_head`` otherwise. Subclasses build their stack, call ``__init__`` with it, and
+    provide ``sanitize``; they override ``logits`` (Granite divides them),
+    ``cast_predicate`` (tensors that must stay float32) and ``quant_overrides`` (modules
+    quantized at another precision) where their family differs from the defaults here.
+
+    Why here and not in each file, as mlx-lm has it: this tail was the same code in all five
+    families (only the names, the tying and Granite's logit scale differed), and five copies
+    drift. A model file still reads in mlx-lm's order (``ModelArgs``, attention, MLP, MoE
+    block, decoder layer, ``Model`` with ``sanitize``) and holds everything that is its own.
 
     Args:
-        x: Hidden states ``[B, L, M]``.
-        mask: From ``attention_mask``.
-        cache: This layer's KV cache, or None.
-        attention: The attention module, called as ``attention(x, mask, cache)``.
-        attention_norm: The norm before attention.
-        ffn: The feed-forward block, called on ``[T, M]``.
-        ffn_norm: The norm before the feed-forward block.
-
-    Returns:
-        ``[B, L, M]``.
+        args: The family's ``ModelArgs``.
+        stack: The inner model.
+        tied: Whether the output head is the embedding matrix.
+        stack_name: The inner model's checkpoint name (DBRX: ``transformer``).
     """
-    B, L, M = x.shape
-    h = x + attention(attention_norm(x), mask, cache)  # [B, L, M]
-    return h + ffn(ffn_norm(h).reshape(B * L, M)).reshape(B, L, M)  # FFN on [T, M]
 
+    # Modules quantized at another precision than the rest; none unless a family says so.
+    quant_overrides: tuple[QuantOverride, ...] = ()
 
-def run_layers(h: mx.array, layers: list[Any], cache: list[Any] | None) -> mx.array:
-    """Run hidden states through a decoder stack, each layer with its own cache.
+    def __init__(
+        self, args: Any, stack: DecoderStack, *, tied: bool, stack_name: str = "model"
+    ) -> None:
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.stack_name = stack_name
+        setattr(self, stack_name, stack)
+        if not tied:
+            vocab_size, hidden_size = stack.embedding.weight.shape
+            self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
 
-    Every architecture's inner model does exactly this between its embedding and its final
-    norm; the mask is built once for the whole stack.
+    @property
+    def stack(self) -> DecoderStack:
+        """The inner model (embedding, layers, final norm)."""
+        return self[self.stack_name]
 
-    Args:
-        h: Embedded tokens ``[B, L, M]``.
-        layers: Decoder layers, each called as ``layer(h, mask, cache)``.
-        cache: One KV cache per layer, or None for a stateless pass.
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The decoder layers, one KV cache each."""
+        return self.stack.decoder_layers()
 
-    Returns:
-        Hidden states ``[B, L, M]`` after the last layer.
-    """
-    caches = cache if cache is not None else [None] * len(layers)
-    mask = attention_mask(h.shape[1], caches[0])
-    with backend.forward_pass():  # one set of positions for every layer (RoPE tables)
-        for layer, layer_cache in zip(layers, caches):
-            h = layer(h, mask, layer_cache)
-    return h
+    def __call__(
+        self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False
+    ) -> mx.array:
+        """Compute next-token logits.
+
+        Args:
+            inputs: Token ids, int32 ``[B, L]``.
+            cache: One KV cache per layer (from ``make_cache``), or None.
+            last_only: Logits for the last position only (``L`` = 1 in the result).
+
+        Returns:
+            Logits ``[B, L, V]`` (``[B, 1, V]`` with ``last_only``).
+        """
+        h = self.stack(inputs, cache)  # [B, L, M]
+        if last_only:  # prefill samples one position: skip the head's V x M work for the rest
+            h = h[:, -1:]
+        return self.logits(h)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """The output head.
+
+        Args:
+            h: Final hidden states ``[B, L, M]``.
+
+        Returns:
+            ``[B, L, V]``.
+        """
+        if "lm_head" in self:
+            return self.lm_head(h)
+        return self.stack.embedding.as_linear(h)  # tied: the head is the embedding
+
+    def make_cache(self) -> list[KVCache]:
+        """Fresh, empty per-layer caches for one sequence.
+
+        Returns:
+            One ``KVCache`` per decoder layer.
+        """
+        return [KVCache() for _ in self.layers]
+
+    def cast_predicate(self, name: str) -> bool:
+        """Whether tensor ``name`` may be cast to the serving dtype.
+
+        Args:
+            name: A sanitized parameter name.
+
+        Returns:
+            True: by default no tensor needs to stay float32 (families with a router
+            correction bias say otherwise).
+        """
+        return True

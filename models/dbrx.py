@@ -39,7 +39,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, CausalLM, run_layers
+from models.base import BaseModelArgs, CausalLM, DecoderStack, StackNames
 from models.layers.attention import Attention, AttentionConfig, AttentionNames
 from models.layers.moe import LinearRouter, SwitchGLU, combine_experts, softmax_topk
 from models.layers.rope import RopeConfig, rope_config_from
@@ -104,15 +104,8 @@ class ModelArgs(BaseModelArgs):
         )
 
 
-def attention_config(args: ModelArgs) -> AttentionConfig:
-    """The shared attention configured for DBRX (fused ``Wqkv``, ``out_proj``, clipping).
-
-    Args:
-        args: Model arguments.
-
-    Returns:
-        The attention configuration.
-    """
+def _attention_config(args: ModelArgs) -> AttentionConfig:
+    """The shared attention configured for DBRX (fused ``Wqkv``, ``out_proj``, clipping)."""
     return AttentionConfig(
         hidden_size=args.d_model,
         num_heads=args.n_heads,
@@ -134,7 +127,7 @@ class NormAttnNorm(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.norm_1 = nn.LayerNorm(args.d_model, bias=False)
-        self.attn = Attention(attention_config(args))
+        self.attn = Attention(_attention_config(args))
         self.norm_2 = nn.LayerNorm(args.d_model, bias=False)
 
     def __call__(
@@ -211,32 +204,13 @@ class DecoderLayer(nn.Module):
         return residual + self.ffn(normed)
 
 
-class DBRX(nn.Module):
-    """Token embeddings (``wte``), the blocks and the final bias-free LayerNorm."""
-
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.wte = nn.Embedding(args.vocab_size, args.d_model)
-        self.blocks = [DecoderLayer(args) for _ in range(args.n_layers)]
-        self.norm_f = nn.LayerNorm(args.d_model, bias=False)
-
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
-        """Hidden states after the final norm.
-
-        Args:
-            inputs: Token ids ``[B, L]``.
-            cache: One KV cache per block, or ``None``.
-
-        Returns:
-            ``[B, L, M]``.
-        """
-        h = self.wte(inputs)  # [B, L, M]
-        h = run_layers(h, self.blocks, cache)
-        return self.norm_f(h)
-
-
 class Model(CausalLM):
-    """DBRX causal LM: the model protocol of ``models.base`` plus loading hooks."""
+    """DBRX causal LM: the model protocol of ``models.base`` plus loading hooks.
+
+    The inner model is ``models.base.DecoderStack`` under DBRX's names (``transformer.wte``,
+    ``transformer.blocks``, the final bias-free LayerNorm ``transformer.norm_f``); the output
+    head is never tied.
+    """
 
     # `convert --quantize` keeps the router at higher precision: it is tiny, and every
     # token's choice of experts depends on it.
@@ -244,33 +218,11 @@ class Model(CausalLM):
     router_group_size = 64
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.transformer = DBRX(args)
-        self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)  # never tied
-
-    def __call__(
-        self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False
-    ) -> mx.array:
-        """Logits for every position.
-
-        Args:
-            inputs: Token ids, int32 ``[B, L]``.
-            cache: One KV cache per block (from ``make_cache``), or ``None``.
-            last_only: Logits for the last position only (``L`` = 1 in the result).
-
-        Returns:
-            Logits ``[B, L, V]`` (``[B, 1, V]`` with ``last_only``).
-        """
-        h = self.transformer(inputs, cache)  # [B, L, M]
-        if last_only:  # prefill samples one position: skip the head's V x M work for the rest
-            h = h[:, -1:]
-        return self.lm_head(h)
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        """The decoder blocks."""
-        return self.transformer.blocks
+        blocks = [DecoderLayer(args) for _ in range(args.n_layers)]
+        norm = nn.LayerNorm(args.d_model, bias=False)
+        names = StackNames(embedding="wte", layers="blocks", norm="norm_f")
+        stack = DecoderStack(args.vocab_size, args.d_model, blocks, norm, names)
+        super().__init__(args, stack, tied=False, stack_name="transformer")
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map a publisher or mlx-lm checkpoint to our stacked ``ffn.switch_mlp`` names.
@@ -307,16 +259,3 @@ class Model(CausalLM):
     def quant_overrides(self) -> tuple[QuantOverride, ...]:
         """Modules quantized at ``router_bits`` instead of the default (see the class)."""
         return (QuantOverride(("ffn.router.layer",), self.router_bits, self.router_group_size),)
-
-    def cast_predicate(self, name: str) -> bool:
-        """Whether tensor ``name`` may be cast to the serving dtype.
-
-        DBRX has no tensor that must stay float32, so every floating tensor may be cast.
-
-        Args:
-            name: A sanitized parameter name.
-
-        Returns:
-            Always True.
-        """
-        return True

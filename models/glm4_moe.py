@@ -29,19 +29,16 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, CausalLM, pre_norm_block, run_layers
-from models.layers.attention import Attention, AttentionConfig
+from models.base import BaseModelArgs, CausalLM, DecoderStack
+from models.layers.attention import Attention, AttentionConfig, gqa_config
+from models.layers.decoder import PreNormDecoderLayer
 from models.layers.mlp import GatedMLP
-from models.layers.moe import SwitchGLU, combine_experts, grouped_topk
+from models.layers.moe import SharedExpertMoE, SwitchGLU, grouped_topk
 from models.layers.norm import RMSNorm
-from models.layers.rope import RopeConfig, rope_config_from
-from models.quantize import QuantOverride
 from models.sanitize import drop_prefixes, stack_experts
 
 # Shape legend: B = batch, L = new tokens, T = B*L flattened tokens, M = hidden size,
 # E = routed experts, A = experts per token (top-k), V = vocabulary.
-
-_GLU_NAMES = {name: name for name in ("gate_proj", "up_proj", "down_proj")}
 
 
 @dataclass
@@ -98,19 +95,6 @@ class ModelArgs(BaseModelArgs):
                 f"{self.topk_group * (E // G)} experts left after group pruning"
             )
 
-    @property
-    def rope(self) -> RopeConfig:
-        """Rotary settings, from whichever spelling the config used."""
-        return rope_config_from(
-            {
-                "rope_theta": self.rope_theta,
-                "rope_scaling": self.rope_scaling,
-                "rope_parameters": self.rope_parameters,
-                "partial_rotary_factor": self.partial_rotary_factor,
-                "max_position_embeddings": self.max_position_embeddings,
-            }
-        )
-
     def is_sparse(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` has the MoE block (else the dense MLP).
 
@@ -125,15 +109,8 @@ class ModelArgs(BaseModelArgs):
 
 def _attention_config(args: ModelArgs) -> AttentionConfig:
     """GLM-4-MoE's attention: GQA, explicit head_dim, optional qk-norm, partial rotary."""
-    return AttentionConfig(
-        hidden_size=args.hidden_size,
-        num_heads=args.num_attention_heads,
-        num_kv_heads=args.num_key_value_heads,
-        head_dim=args.head_dim,
-        rope=args.rope,
-        qkv_bias=args.attention_bias,
-        qk_norm_eps=args.rms_norm_eps if args.use_qk_norm else None,
-    )
+    qk_norm_eps = args.rms_norm_eps if args.use_qk_norm else None
+    return gqa_config(args, qkv_bias=args.attention_bias, qk_norm_eps=qk_norm_eps)
 
 
 class MoEGate(nn.Module):
@@ -178,7 +155,7 @@ class MoEGate(nn.Module):
         )
 
 
-class MoE(nn.Module):
+class MoE(SharedExpertMoE):
     """Routed experts chosen by ``MoEGate`` plus always-on shared experts, summed.
 
     For each token x: the gate picks k experts and their weights (sigmoid scores, the
@@ -189,129 +166,36 @@ class MoE(nn.Module):
     """
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
         M, F = args.hidden_size, args.moe_intermediate_size
-        self.gate = MoEGate(args)
-        self.switch_mlp = SwitchGLU(M, F, args.n_routed_experts)
         shared = args.n_shared_experts or 0
-        self.shared_experts = GatedMLP(M, F * shared) if shared > 0 else None
-
-    def __call__(self, x: mx.array) -> mx.array:
-        """Apply the block to flattened tokens.
-
-        Args:
-            x: ``[T, M]``.
-
-        Returns:
-            ``[T, M]``.
-        """
-        inds, weights = self.gate(x)  # [T, A], [T, A]
-        y = combine_experts(self.switch_mlp(x, inds), weights)  # [T, M]
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm block: ``h = x + attn(norm(x))``, then ``h + ffn(norm(h))``.
-
-    The feed-forward block is a dense SwiGLU MLP in the first ``first_k_dense_replace`` layers
-    and the ``MoE`` block after them.
-    """
-
-    def __init__(self, args: ModelArgs, layer: int) -> None:
-        super().__init__()
-        M = args.hidden_size
-        self.self_attn = Attention(_attention_config(args))
-        self.mlp = MoE(args) if args.is_sparse(layer) else GatedMLP(M, args.intermediate_size)
-        self.input_layernorm = RMSNorm(M, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(M, eps=args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
-        """Run the layer.
-
-        Args:
-            x: Hidden states ``[B, L, M]``.
-            mask: From ``models.base.attention_mask``.
-            cache: This layer's KV cache, or None.
-
-        Returns:
-            ``[B, L, M]``.
-        """
-        return pre_norm_block(
-            x,
-            mask,
-            cache,
-            attention=self.self_attn,
-            attention_norm=self.input_layernorm,
-            ffn=self.mlp,
-            ffn_norm=self.post_attention_layernorm,
+        super().__init__(
+            MoEGate(args),
+            SwitchGLU(M, F, args.n_routed_experts),
+            GatedMLP(M, F * shared) if shared > 0 else None,
         )
 
 
-class LanguageModel(nn.Module):
-    """Embedding, the decoder layers and the final norm (everything but the output head)."""
+class DecoderLayer(PreNormDecoderLayer):
+    """A pre-norm layer: a dense SwiGLU MLP in the first ``first_k_dense_replace``, then ``MoE``."""
 
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
-        """Map token ids ``[B, L]`` to final hidden states ``[B, L, M]``.
-
-        Args:
-            inputs: Token ids.
-            cache: One KV cache per layer, or None.
-
-        Returns:
-            Normalised hidden states.
-        """
-        h = self.embed_tokens(inputs)  # [B, L, M]
-        h = run_layers(h, self.layers, cache)
-        return self.norm(h)
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        M = args.hidden_size
+        ffn = MoE(args) if args.is_sparse(layer) else GatedMLP(M, args.intermediate_size)
+        super().__init__(Attention(_attention_config(args)), ffn, M, args.rms_norm_eps)
 
 
 class Model(CausalLM):
     """GLM-4-MoE causal language model (the model protocol of ``models.base``)."""
 
-    # mlx-lm's glm4_moe has no quantization predicate: everything quantizable is quantized
-    # uniformly, and the router stays float only because ``MoEGate`` is not an nn.Linear.
-    quant_overrides: tuple[QuantOverride, ...] = ()
+    # No quant_overrides: mlx-lm's glm4_moe has no quantization predicate, so everything
+    # quantizable is quantized uniformly; the router stays float only because ``MoEGate`` is
+    # not an nn.Linear.
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = LanguageModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(
-        self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False
-    ) -> mx.array:
-        """Compute next-token logits.
-
-        Args:
-            inputs: Token ids, int32 ``[B, L]``.
-            cache: One KV cache per layer (from ``make_cache``), or None.
-            last_only: Logits for the last position only (``L`` = 1 in the result).
-
-        Returns:
-            Logits ``[B, L, V]`` (``[B, 1, V]`` with ``last_only``).
-        """
-        h = self.model(inputs, cache)  # [B, L, M]
-        if last_only:  # prefill samples one position: skip the head's V x M work for the rest
-            h = h[:, -1:]
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        """The decoder layers, one KV cache each."""
-        return self.model.layers
+        layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        stack = DecoderStack(args.vocab_size, args.hidden_size, layers, norm)
+        super().__init__(args, stack, tied=args.tie_word_embeddings)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Rename a checkpoint (publisher or MLX layout, float or quantized) to our parameters.
@@ -336,7 +220,7 @@ class Model(CausalLM):
             drop.append("lm_head.")  # the head *is* the embedding
         weights = drop_prefixes(weights, drop)
         sparse = [f"model.layers.{i}.mlp" for i in range(n) if self.args.is_sparse(i)]
-        return stack_experts(weights, sparse, self.args.n_routed_experts, _GLU_NAMES)
+        return stack_experts(weights, sparse, self.args.n_routed_experts)
 
     def cast_predicate(self, name: str) -> bool:
         """Whether tensor ``name`` may be cast to the serving dtype.

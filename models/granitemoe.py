@@ -37,11 +37,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, CausalLM, run_layers
-from models.layers.attention import Attention, AttentionConfig
+from models.base import BaseModelArgs, CausalLM, DecoderStack
+from models.layers.attention import Attention, AttentionConfig, gqa_config
+from models.layers.decoder import LayerNames, PreNormDecoderLayer
 from models.layers.moe import LinearRouter, SwitchGLU, combine_experts, topk_softmax
 from models.layers.norm import RMSNorm
-from models.layers.rope import RopeConfig, rope_config_from
 from models.quantize import QuantOverride
 
 
@@ -80,38 +80,11 @@ class ModelArgs(BaseModelArgs):
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
 
-    @property
-    def rope(self) -> RopeConfig:
-        """Rotary settings from whichever spelling the config used."""
-        return rope_config_from(
-            {
-                "rope_theta": self.rope_theta,
-                "rope_scaling": self.rope_scaling,
-                "rope_parameters": self.rope_parameters,
-                "max_position_embeddings": self.max_position_embeddings,
-            }
-        )
 
-
-def attention_config(args: ModelArgs) -> AttentionConfig:
-    """The shared attention configured for Granite (its own softmax scale, optional biases).
-
-    Args:
-        args: Model arguments.
-
-    Returns:
-        The attention configuration.
-    """
-    return AttentionConfig(
-        hidden_size=args.hidden_size,
-        num_heads=args.num_attention_heads,
-        num_kv_heads=args.num_key_value_heads,
-        head_dim=args.head_dim,
-        rope=args.rope,
-        qkv_bias=args.attention_bias,
-        o_bias=args.attention_bias,
-        scale=args.attention_multiplier,  # muP: replaces 1/sqrt(head_dim)
-    )
+def _attention_config(args: ModelArgs) -> AttentionConfig:
+    """Granite's attention: its own softmax scale, optional biases on all four projections."""
+    bias = args.attention_bias
+    return gqa_config(args, qkv_bias=bias, o_bias=bias, scale=args.attention_multiplier)  # muP
 
 
 class SparseMoeBlock(nn.Module):
@@ -135,72 +108,35 @@ class SparseMoeBlock(nn.Module):
         """Route and mix.
 
         Args:
-            x: Normalised hidden states ``[B, L, M]``.
+            x: Normalised hidden states, flattened ``[T, M]``.
 
         Returns:
-            ``[B, L, M]``.
+            ``[T, M]``.
         """
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [T, M]
         inds, weights = topk_softmax(self.router(x), self.top_k)  # [T, A], [T, A]
-        y = combine_experts(self.switch_mlp(x, inds), weights)  # [T, A, M] -> [T, M]
-        return y.reshape(shape)
+        return combine_experts(self.switch_mlp(x, inds), weights)  # [T, A, M] -> [T, M]
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(PreNormDecoderLayer):
     """Pre-norm attention then pre-norm MoE, each branch scaled by ``residual_multiplier``."""
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.self_attn = Attention(attention_config(args))
-        self.block_sparse_moe = SparseMoeBlock(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.residual_multiplier = args.residual_multiplier
-
-    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
-        """Apply the layer.
-
-        Args:
-            x: ``[B, L, M]``.
-            mask: From ``models.base.attention_mask``.
-            cache: This layer's KV cache, or ``None``.
-
-        Returns:
-            ``[B, L, M]``.
-        """
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache) * self.residual_multiplier
-        moe = self.block_sparse_moe(self.post_attention_layernorm(h))  # [B, L, M]
-        return h + moe * self.residual_multiplier
-
-
-class GraniteMoeModel(nn.Module):
-    """Embeddings (times ``embedding_multiplier``), the decoder layers and the final RMSNorm."""
-
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.embedding_multiplier = args.embedding_multiplier
-
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
-        """Hidden states after the final norm.
-
-        Args:
-            inputs: Token ids ``[B, L]``.
-            cache: One KV cache per layer, or ``None``.
-
-        Returns:
-            ``[B, L, M]``.
-        """
-        h = self.embed_tokens(inputs) * self.embedding_multiplier  # [B, L, M]
-        h = run_layers(h, self.layers, cache)
-        return self.norm(h)
+        super().__init__(
+            Attention(_attention_config(args)),
+            SparseMoeBlock(args),
+            args.hidden_size,
+            args.rms_norm_eps,
+            LayerNames(ffn="block_sparse_moe"),
+            residual_scale=args.residual_multiplier,  # muP, on both branches
+        )
 
 
 class Model(CausalLM):
-    """GraniteMoE causal LM: the model protocol of ``models.base`` plus loading hooks."""
+    """GraniteMoE causal LM: the model protocol of ``models.base`` plus loading hooks.
+
+    The inner model is ``models.base.DecoderStack`` (``model.embed_tokens``, ``model.layers``,
+    ``model.norm``) with the embeddings multiplied by ``embedding_multiplier``.
+    """
 
     # `convert --quantize` keeps these modules at higher precision, as mlx-lm's granitemoe
     # quantization predicate does: the router decides every token's experts, o_proj and
@@ -210,38 +146,27 @@ class Model(CausalLM):
     sensitive_group_size = 64
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.model = GraniteMoeModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        stack = DecoderStack(
+            args.vocab_size,
+            args.hidden_size,
+            layers,
+            norm,
+            embedding_scale=args.embedding_multiplier,  # muP
+        )
+        super().__init__(args, stack, tied=args.tie_word_embeddings)
 
-    def __call__(
-        self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False
-    ) -> mx.array:
-        """Logits for every position.
+    def logits(self, h: mx.array) -> mx.array:
+        """The output head, divided by ``logits_scaling`` (muP's output multiplier).
 
         Args:
-            inputs: Token ids, int32 ``[B, L]``.
-            cache: One KV cache per layer (from ``make_cache``), or ``None``.
-            last_only: Logits for the last position only (``L`` = 1 in the result).
+            h: Final hidden states ``[B, L, M]``.
 
         Returns:
-            Logits ``[B, L, V]`` (``[B, 1, V]`` with ``last_only``).
+            ``[B, L, V]``.
         """
-        h = self.model(inputs, cache)  # [B, L, M]
-        if last_only:  # prefill samples one position: skip the head's V x M work for the rest
-            h = h[:, -1:]
-        if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(h)
-        else:
-            logits = self.lm_head(h)
-        return logits / self.args.logits_scaling  # muP output multiplier
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        """The decoder layers."""
-        return self.model.layers
+        return super().logits(h) / self.args.logits_scaling
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map a publisher or MLX-layout checkpoint to our parameter names.
@@ -284,17 +209,3 @@ class Model(CausalLM):
         if not self.args.tie_word_embeddings:
             suffixes += ("lm_head",)
         return (QuantOverride(suffixes, self.sensitive_bits, self.sensitive_group_size),)
-
-    def cast_predicate(self, name: str) -> bool:
-        """Whether tensor ``name`` may be cast to the serving dtype.
-
-        Granite has no tensor that must stay float32 (no router correction bias), so every
-        floating tensor may be cast.
-
-        Args:
-            name: A sanitized parameter name.
-
-        Returns:
-            Always True.
-        """
-        return True

@@ -25,19 +25,16 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, CausalLM, pre_norm_block, run_layers
-from models.layers.attention import Attention, AttentionConfig
+from models.base import BaseModelArgs, CausalLM, DecoderStack
+from models.layers.attention import Attention, AttentionConfig, gqa_config
+from models.layers.decoder import PreNormDecoderLayer
 from models.layers.mlp import GatedMLP
 from models.layers.moe import SwitchGLU, combine_experts, softmax_topk
 from models.layers.norm import RMSNorm
-from models.layers.rope import RopeConfig, rope_config_from
-from models.quantize import QuantOverride
 from models.sanitize import drop_prefixes, stack_experts
 
 # Shape legend: B = batch, L = new tokens, T = B*L flattened tokens, M = hidden size,
 # E = routed experts, A = experts per token (top-k), V = vocabulary.
-
-_GLU_NAMES = {name: name for name in ("gate_proj", "up_proj", "down_proj")}
 
 
 @dataclass
@@ -86,18 +83,6 @@ class ModelArgs(BaseModelArgs):
         if self.use_sliding_window:
             raise ValueError("use_sliding_window=true is not supported (no sliding-window cache)")
 
-    @property
-    def rope(self) -> RopeConfig:
-        """Rotary settings, from whichever spelling the config used."""
-        return rope_config_from(
-            {
-                "rope_theta": self.rope_theta,
-                "rope_scaling": self.rope_scaling,
-                "rope_parameters": self.rope_parameters,
-                "max_position_embeddings": self.max_position_embeddings,
-            }
-        )
-
     def is_sparse(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` has the MoE block (else the dense MLP).
 
@@ -116,14 +101,7 @@ class ModelArgs(BaseModelArgs):
 
 def _attention_config(args: ModelArgs) -> AttentionConfig:
     """Qwen2-MoE's attention: GQA, biases on q/k/v only, full rotary embeddings."""
-    return AttentionConfig(
-        hidden_size=args.hidden_size,
-        num_heads=args.num_attention_heads,
-        num_kv_heads=args.num_key_value_heads,
-        head_dim=args.head_dim,
-        rope=args.rope,
-        qkv_bias=args.qkv_bias,
-    )
+    return gqa_config(args, qkv_bias=args.qkv_bias)
 
 
 class SparseMoeBlock(nn.Module):
@@ -169,107 +147,32 @@ class SparseMoeBlock(nn.Module):
         return routed + shared
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm block: ``h = x + attn(norm(x))``, then ``h + ffn(norm(h))``.
+class DecoderLayer(PreNormDecoderLayer):
+    """A pre-norm layer whose feed-forward block is the ``SparseMoeBlock`` in sparse layers.
 
-    The feed-forward block is the ``SparseMoeBlock`` in sparse layers and a dense SwiGLU MLP of
-    ``intermediate_size`` in the others (see ``ModelArgs.is_sparse``).
+    The other layers have a dense SwiGLU MLP of ``intermediate_size`` (see
+    ``ModelArgs.is_sparse``).
     """
 
     def __init__(self, args: ModelArgs, layer: int) -> None:
-        super().__init__()
         M = args.hidden_size
-        self.self_attn = Attention(_attention_config(args))
         sparse = args.is_sparse(layer)
-        self.mlp = SparseMoeBlock(args) if sparse else GatedMLP(M, args.intermediate_size)
-        self.input_layernorm = RMSNorm(M, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(M, eps=args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
-        """Run the layer.
-
-        Args:
-            x: Hidden states ``[B, L, M]``.
-            mask: From ``models.base.attention_mask``.
-            cache: This layer's KV cache, or None.
-
-        Returns:
-            ``[B, L, M]``.
-        """
-        return pre_norm_block(
-            x,
-            mask,
-            cache,
-            attention=self.self_attn,
-            attention_norm=self.input_layernorm,
-            ffn=self.mlp,
-            ffn_norm=self.post_attention_layernorm,
-        )
-
-
-class Qwen2MoeModel(nn.Module):
-    """Embedding, the decoder layers and the final norm (everything but the output head)."""
-
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
-        """Map token ids ``[B, L]`` to final hidden states ``[B, L, M]``.
-
-        Args:
-            inputs: Token ids.
-            cache: One KV cache per layer, or None.
-
-        Returns:
-            Normalised hidden states.
-        """
-        h = self.embed_tokens(inputs)  # [B, L, M]
-        h = run_layers(h, self.layers, cache)
-        return self.norm(h)
+        ffn = SparseMoeBlock(args) if sparse else GatedMLP(M, args.intermediate_size)
+        super().__init__(Attention(_attention_config(args)), ffn, M, args.rms_norm_eps)
 
 
 class Model(CausalLM):
     """Qwen2-MoE causal language model (the model protocol of ``models.base``)."""
 
-    # mlx-lm quantizes this family uniformly (its qwen2_moe has no quantization predicate);
-    # keeping that practice means our conversions and mlx-community's agree module for module.
-    quant_overrides: tuple[QuantOverride, ...] = ()
+    # No quant_overrides: mlx-lm quantizes this family uniformly (its qwen2_moe has no
+    # quantization predicate), and so our conversions and mlx-community's agree module for
+    # module.
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = Qwen2MoeModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(
-        self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False
-    ) -> mx.array:
-        """Compute next-token logits.
-
-        Args:
-            inputs: Token ids, int32 ``[B, L]``.
-            cache: One KV cache per layer (from ``make_cache``), or None.
-            last_only: Logits for the last position only (``L`` = 1 in the result).
-
-        Returns:
-            Logits ``[B, L, V]`` (``[B, 1, V]`` with ``last_only``).
-        """
-        h = self.model(inputs, cache)  # [B, L, M]
-        if last_only:  # prefill samples one position: skip the head's V x M work for the rest
-            h = h[:, -1:]
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        """The decoder layers, one KV cache each."""
-        return self.model.layers
+        layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        stack = DecoderStack(args.vocab_size, args.hidden_size, layers, norm)
+        super().__init__(args, stack, tied=args.tie_word_embeddings)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Rename a checkpoint (publisher or MLX layout, float or quantized) to our parameters.
@@ -293,15 +196,4 @@ class Model(CausalLM):
             for i in range(self.args.num_hidden_layers)
             if self.args.is_sparse(i)
         ]
-        return stack_experts(weights, sparse, self.args.num_experts, _GLU_NAMES)
-
-    def cast_predicate(self, name: str) -> bool:
-        """Whether tensor ``name`` may be cast to the serving dtype.
-
-        Args:
-            name: Parameter name.
-
-        Returns:
-            Always True: no Qwen2-MoE tensor needs to stay float32.
-        """
-        return True
+        return stack_experts(weights, sparse, self.args.num_experts)

@@ -15,13 +15,15 @@ from models.errors import CheckpointError
 
 # A linear layer's tensors: float weight and bias, plus the quantized layout's scales/biases.
 _PARTS = ("weight", "bias", "scales", "biases")
+# The SwiGLU projections, under the names most publishers already give their experts.
+_GLU = ("gate_proj", "up_proj", "down_proj")
 
 
 def stack_experts(
     weights: dict[str, mx.array],
     prefixes: Iterable[str],
     num_experts: int,
-    names: dict[str, str],
+    names: dict[str, str] | None = None,
     src: str = "experts",
     dst: str = "switch_mlp",
 ) -> dict[str, mx.array]:
@@ -34,7 +36,8 @@ def stack_experts(
         weights: Checkpoint tensors, modified in place.
         prefixes: Module prefixes that own experts, e.g. ``model.layers.3.mlp``.
         num_experts: E.
-        names: Per-expert module name -> stacked module name (e.g. ``{"w1": "gate_proj"}``).
+        names: Per-expert module name -> stacked module name (e.g. ``{"w1": "gate_proj"}``);
+            None when the experts' projections already are ``gate_proj/up_proj/down_proj``.
         src: Container name of the experts in the checkpoint.
         dst: Name of the stacked module in our model.
 
@@ -44,6 +47,7 @@ def stack_experts(
     Raises:
         CheckpointError: Some but not all experts of a layer are present.
     """
+    names = names if names is not None else {name: name for name in _GLU}
     for prefix in prefixes:
         for old, new in names.items():
             for part in _PARTS:

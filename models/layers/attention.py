@@ -53,6 +53,27 @@ class AttentionConfig:
     names: AttentionNames = AttentionNames()
 
 
+def gqa_config(args: Any, **options: Any) -> AttentionConfig:
+    """The attention of a config that uses the usual names for its shape.
+
+    Args:
+        args: A ``ModelArgs`` with ``hidden_size``, ``num_attention_heads``,
+            ``num_key_value_heads``, ``head_dim`` and ``rope``.
+        **options: The other ``AttentionConfig`` fields (biases, qk-norm, scale, names).
+
+    Returns:
+        The attention configuration.
+    """
+    return AttentionConfig(
+        hidden_size=args.hidden_size,
+        num_heads=args.num_attention_heads,
+        num_kv_heads=args.num_key_value_heads,
+        head_dim=args.head_dim,
+        rope=args.rope,
+        **options,
+    )
+
+
 class Attention(nn.Module):
     """Causal GQA self-attention over a KV cache."""
 

@@ -298,3 +298,41 @@ class SwitchGLU(nn.Module):
             Per-expert outputs ``[T, A, M]`` (combine with ``combine_experts``).
         """
         return backend.switch_glu(x, inds, self.gate_proj, self.up_proj, self.down_proj)
+
+
+class SharedExpertMoE(nn.Module):
+    """Routed experts picked by a gate, plus always-on shared experts added unweighted.
+
+    The MoE block of GLM-4-MoE and Bailing (DeepSeek-V3's shape): ``gate(x)`` gives each
+    token's expert ids and weights ``[T, A]``, the selected SwiGLU experts run and are summed
+    with those weights, and the shared experts (one SwiGLU MLP standing for all of them) run
+    on every token.
+
+    Args:
+        gate: Called on ``[T, M]``; returns expert ids and float32 weights, both ``[T, A]``.
+        switch_mlp: The routed experts.
+        shared_experts: The shared experts' MLP (``[T, M] -> [T, M]``), or None for none.
+    """
+
+    def __init__(
+        self, gate: nn.Module, switch_mlp: SwitchGLU, shared_experts: nn.Module | None
+    ) -> None:
+        super().__init__()
+        self.gate = gate
+        self.switch_mlp = switch_mlp
+        self.shared_experts = shared_experts
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """Apply the block to flattened tokens.
+
+        Args:
+            x: ``[T, M]``.
+
+        Returns:
+            ``[T, M]``.
+        """
+        inds, weights = self.gate(x)  # [T, A], [T, A]
+        y = combine_experts(self.switch_mlp(x, inds), weights)  # [T, M]
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y

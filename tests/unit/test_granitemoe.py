@@ -118,7 +118,7 @@ def test_moe_block_matches_a_per_token_reference() -> None:
     pub = _publisher(_params(model))
     block = model.layers[0].block_sparse_moe
     x = mx.random.normal((2, 5, M), key=mx.random.key(1))
-    got = np.array(block(x)).reshape(-1, M)
+    got = np.array(block(x.reshape(-1, M)))  # the block sees flattened tokens [T, M]
     router = np.array(pub["model.layers.0.block_sparse_moe.router.layer.weight"])  # [E, M]
     fused = np.array(pub["model.layers.0.block_sparse_moe.input_linear.weight"])  # [E, 2F, M]
     down = np.array(pub["model.layers.0.block_sparse_moe.output_linear.weight"])  # [E, M, F]
