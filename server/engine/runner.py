@@ -8,22 +8,22 @@ between steps without recomputing anyone else.
 It knows token ids, logits and caches; it does not know text, stop strings, HTTP or policy
 (the scheduler decides who runs). Its only host synchronisation per step is the sampler's
 ``to_lists``: the model's work for prefill chunks, decode rows and sampling is one graph.
-When some rows follow a grammar, the graph is started first and their allowed-token mask
-(``server.engine.grammar.allowed_mask``) is computed on the CPU meanwhile; the caller owns
-the matchers and advances them with the sampled tokens.
+Each ``Sequence`` is its own sampler row (parameters, histories, banned ids). When some rows
+follow a grammar (``Sequence.matcher``), the graph is started first and their allowed-token
+mask (``server.engine.grammar.allowed_mask``) is computed on the CPU meanwhile; the output
+processor advances the matchers with the sampled tokens.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from models.cache import BatchKVCache, KVCache
-from server.engine.grammar import Matcher, allowed_mask
-from server.engine.sampling import Sampler, SamplerRow, TokenSample
+from server.engine.grammar import allowed_mask
+from server.engine.sampling import Sampler, TokenSample
 from server.engine.scheduler import StepPlan
 from server.engine.sequence import Sequence
 
@@ -35,7 +35,14 @@ class StepResult:
     """What one step produced, as plain Python."""
 
     samples: dict[str, TokenSample] = field(default_factory=dict)  # seq_id -> sampled token
-    released: dict[str, list[KVCache]] = field(default_factory=dict)  # seq_id -> its final cache
+
+    def tokens(self) -> dict[str, int]:
+        """The sampled token ids by ``seq_id`` (what ``Scheduler.update`` takes).
+
+        Returns:
+            ``{seq_id: token}``.
+        """
+        return {seq_id: sample.token for seq_id, sample in self.samples.items()}
 
 
 class Runner:
@@ -84,26 +91,19 @@ class Runner:
             return [layer.extract(row) for layer in self._batch]
         return None
 
-    def step(
-        self,
-        plan: StepPlan,
-        rows: dict[str, SamplerRow],
-        matchers: Mapping[str, Matcher] | None = None,
-    ) -> StepResult:
+    def step(self, plan: StepPlan) -> StepResult:
         """Release finished sequences, run prefill chunks and decodes, sample.
 
         Args:
             plan: From ``Scheduler.schedule()``.
-            rows: Sampler state for every sequence that samples this step (keyed by seq_id).
-            matchers: Grammar state of the constrained sequences (keyed by seq_id); the
-                caller advances them with the sampled tokens.
 
         Returns:
-            Sampled tokens and the caches of released sequences.
+            The sampled tokens.
         """
-        result = StepResult(released=self._release(plan.released))
+        self._release(plan.released)
+        result = StepResult()
         logits: list[mx.array] = []  # each [1 or B, V]
-        order: list[str] = []
+        order: list[Sequence] = []
         finished_prefill: list[str] = []
         for chunk in plan.prefills:
             seq_id = chunk.seq.seq_id
@@ -112,37 +112,34 @@ class Runner:
             out = self.model(tokens, cache=cache, last_only=chunk.is_last)  # [1, L or 1, V]
             if chunk.is_last:
                 logits.append(out[:, -1, :])
-                order.append(seq_id)
+                order.append(chunk.seq)
                 finished_prefill.append(seq_id)
             else:
                 mx.async_eval([c.keys for c in cache])  # start the chunk; nothing to sample
         if plan.decodes:
-            logits.append(self._decode(plan.decodes))
-            order.extend(self._rows)
+            by_id = {s.seq_id: s for s in plan.decodes}
+            logits.append(self._decode(by_id))
+            order.extend(by_id[r] for r in self._rows)
         if order:
-            batch_rows = [rows[s] for s in order]
             batch_logits = mx.concatenate(logits, axis=0)  # [B, V]
-            allowed = self._allowed(order, batch_logits, matchers or {})
-            out = self.sampler(batch_logits, batch_rows, allowed)
-            result.samples = dict(zip(order, out.to_lists(batch_rows)))
+            allowed = self._allowed(order, batch_logits)
+            out = self.sampler(batch_logits, order, allowed)
+            result.samples = {s.seq_id: t for s, t in zip(order, out.to_lists(order))}
         self._join(finished_prefill)
         return result
 
     @staticmethod
-    def _allowed(
-        order: list[str], logits: mx.array, matchers: Mapping[str, Matcher]
-    ) -> mx.array | None:
+    def _allowed(order: list[Sequence], logits: mx.array) -> mx.array | None:
         """The grammar mask of the batch, or None (nothing to pay) when no row is constrained."""
-        row_matchers = [matchers.get(s) for s in order]
+        row_matchers = [s.matcher for s in order]
         if all(m is None for m in row_matchers):
             return None
         # Start the model now: its graph runs while the CPU walks the grammars.
         mx.async_eval(logits)
         return allowed_mask(row_matchers, logits.shape[-1])
 
-    def _decode(self, seqs: list[Sequence]) -> mx.array:
+    def _decode(self, by_id: dict[str, Sequence]) -> mx.array:
         """One token for every row of the decode batch; returns logits ``[B, V]``."""
-        by_id = {s.seq_id: s for s in seqs}
         if set(by_id) != set(self._rows):
             raise RuntimeError("the plan's decode rows differ from the runner's decode batch")
         tokens = mx.array([[by_id[r].last_token] for r in self._rows], dtype=mx.int32)  # [B, 1]
@@ -162,16 +159,12 @@ class Runner:
         self._rows.extend(seq_ids)
         self.max_batch_seen = max(self.max_batch_seen, len(self._rows))
 
-    def _release(self, seqs: list[Sequence]) -> dict[str, list[KVCache]]:
-        """Drop released sequences' caches, returning them (for the prompt cache)."""
-        released: dict[str, list[KVCache]] = {}
+    def _release(self, seqs: list[Sequence]) -> None:
+        """Drop released sequences' caches (the engine copied what the prompt cache keeps)."""
         leaving = {s.seq_id for s in seqs}
         for seq_id in leaving & self._prefill.keys():
-            released[seq_id] = self._prefill.pop(seq_id)
-        rows = [i for i, r in enumerate(self._rows) if r in leaving]
-        if rows and self._batch is not None:
-            for i in rows:
-                released[self._rows[i]] = [layer.extract(i) for layer in self._batch]
+            del self._prefill[seq_id]
+        if any(r in leaving for r in self._rows) and self._batch is not None:
             keep = [i for i, r in enumerate(self._rows) if r not in leaving]
             self._rows = [self._rows[i] for i in keep]
             if keep:
@@ -179,4 +172,3 @@ class Runner:
                     layer.filter(keep)
             else:
                 self._batch = None
-        return released

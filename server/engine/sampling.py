@@ -9,6 +9,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import mlx.core as mx
 
@@ -40,9 +41,26 @@ GREEDY_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20  # the OpenAI limit; the API rejects more
 
 
+class Row(Protocol):
+    """What the sampler reads of one batch row (the engine passes its ``Sequence`` objects)."""
+
+    @property
+    def params(self) -> SamplingParams: ...  # noqa: D102
+    @property
+    def output_ids(self) -> list[int]: ...  # noqa: D102
+    @property
+    def prompt_ids(self) -> list[int]: ...  # noqa: D102
+    @property
+    def banned_ids(self) -> frozenset[int]: ...  # noqa: D102
+    @property
+    def step(self) -> int: ...  # noqa: D102
+    @property
+    def choice(self) -> int: ...  # noqa: D102
+
+
 @dataclass(slots=True)
 class SamplerRow:
-    """One sequence's view for one sampling step: its parameters and the history penalties need."""
+    """A standalone ``Row``: one sequence's parameters and the history penalties need."""
 
     params: SamplingParams
     output_ids: list[int] = field(default_factory=list)  # generated so far (all penalties)
@@ -70,7 +88,7 @@ class SampleOutput:
     top_ids: mx.array | None = None  # int32 [B, K], K = largest top_logprobs in the batch
     top_logprobs: mx.array | None = None  # float32 [B, K], descending along K
 
-    def to_lists(self, rows: Sequence[SamplerRow]) -> list[TokenSample]:
+    def to_lists(self, rows: Sequence[Row]) -> list[TokenSample]:
         """Convert to plain Python with a single host synchronisation for the whole batch.
 
         Args:
@@ -121,7 +139,7 @@ class Sampler:
     def __call__(
         self,
         logits: mx.array,
-        rows: Sequence[SamplerRow],
+        rows: Sequence[Row],
         allowed_mask: mx.array | None = None,
     ) -> SampleOutput:
         """Sample one token per row.
@@ -147,7 +165,7 @@ class Sampler:
     def process_logits(
         self,
         logits: mx.array,
-        rows: Sequence[SamplerRow],
+        rows: Sequence[Row],
         allowed_mask: mx.array | None = None,
     ) -> mx.array:
         """Apply bias, bans, the allowed mask and the penalties (steps 2-3 of the class doc).
@@ -163,9 +181,7 @@ class Sampler:
         return _process(self._checked(logits, rows, allowed_mask), rows, allowed_mask)
 
     @staticmethod
-    def _checked(
-        logits: mx.array, rows: Sequence[SamplerRow], allowed_mask: mx.array | None
-    ) -> mx.array:
+    def _checked(logits: mx.array, rows: Sequence[Row], allowed_mask: mx.array | None) -> mx.array:
         if logits.ndim != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [B, V] with B={len(rows)}, got {logits.shape}")
         if allowed_mask is not None and allowed_mask.shape != logits.shape:
@@ -173,9 +189,7 @@ class Sampler:
         return logits.astype(mx.float32)
 
 
-def _process(
-    logits: mx.array, rows: Sequence[SamplerRow], allowed_mask: mx.array | None
-) -> mx.array:
+def _process(logits: mx.array, rows: Sequence[Row], allowed_mask: mx.array | None) -> mx.array:
     V = logits.shape[1]
     logits = _scatter_add(logits, _bias_edits(rows, V))
     if allowed_mask is not None:
@@ -208,7 +222,7 @@ def _check_ids(ids: Iterable[int], V: int, what: str) -> None:
         raise ValueError(f"{what} holds token ids outside the vocabulary [0, {V}): {bad[:5]}")
 
 
-def _bias_edits(rows: Sequence[SamplerRow], V: int) -> _Edits:
+def _bias_edits(rows: Sequence[Row], V: int) -> _Edits:
     edits = _Edits()
     for i, row in enumerate(rows):
         bias = row.params.logit_bias or {}
@@ -221,7 +235,7 @@ def _bias_edits(rows: Sequence[SamplerRow], V: int) -> _Edits:
     return edits
 
 
-def _presence_edits(rows: Sequence[SamplerRow], V: int) -> _Edits:
+def _presence_edits(rows: Sequence[Row], V: int) -> _Edits:
     edits = _Edits()
     for i, row in enumerate(rows):
         p = row.params
@@ -242,7 +256,7 @@ def _scatter_add(logits: mx.array, edits: _Edits) -> mx.array:
     return logits.at[rr, cc].add(mx.array(edits.vals, dtype=mx.float32))
 
 
-def _apply_repetition(logits: mx.array, rows: Sequence[SamplerRow], V: int) -> mx.array:
+def _apply_repetition(logits: mx.array, rows: Sequence[Row], V: int) -> mx.array:
     """CTRL/HF repetition penalty over prompt + output: positive logits / p, negative * p."""
     edits = _Edits()
     for i, row in enumerate(rows):
@@ -261,7 +275,7 @@ def _apply_repetition(logits: mx.array, rows: Sequence[SamplerRow], V: int) -> m
     return logits.at[rr, cc].multiply(mx.where(logits[rr, cc] > 0, 1.0 / pen, pen))
 
 
-def _top_logprobs(raw_lp: mx.array, rows: Sequence[SamplerRow]) -> tuple[mx.array | None, ...]:
+def _top_logprobs(raw_lp: mx.array, rows: Sequence[Row]) -> tuple[mx.array | None, ...]:
     K = min(max(r.params.top_logprobs for r in rows), MAX_TOP_LOGPROBS, raw_lp.shape[1])
     if K <= 0:
         return None, None
@@ -272,7 +286,7 @@ def _top_logprobs(raw_lp: mx.array, rows: Sequence[SamplerRow]) -> tuple[mx.arra
     return mx.take_along_axis(part, order, axis=-1), mx.take_along_axis(vals, order, axis=-1)
 
 
-def _choose(processed: mx.array, rows: Sequence[SamplerRow]) -> mx.array:
+def _choose(processed: mx.array, rows: Sequence[Row]) -> mx.array:
     """Greedy argmax for temperature-0 rows, Gumbel-max over truncated logits for the rest."""
     greedy = [r.params.temperature < GREEDY_TEMPERATURE for r in rows]
     if all(greedy):
@@ -291,7 +305,7 @@ def _truncates(p: SamplingParams) -> bool:
     return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
 
 
-def _truncate(scaled: mx.array, rows: Sequence[SamplerRow]) -> mx.array:
+def _truncate(scaled: mx.array, rows: Sequence[Row]) -> mx.array:
     """top_k, then top_p on what top_k left, then min_p; -inf outside what all three keep.
 
     Each cut becomes a per-row threshold on the logit value, so tokens tied at the cut are all
@@ -338,9 +352,7 @@ def _log(x: float) -> float:
     return math.log(x) if x > 0.0 else -math.inf
 
 
-def _gumbel_noise(
-    rows: Sequence[SamplerRow], greedy: list[bool], shape: tuple[int, int]
-) -> mx.array:
+def _gumbel_noise(rows: Sequence[Row], greedy: list[bool], shape: tuple[int, int]) -> mx.array:
     """Gumbel noise [B, V]: (seed, step) keys for seeded rows, the global generator for others."""
     seeded = [i for i, r in enumerate(rows) if r.params.seed is not None and not greedy[i]]
     if len(seeded) < greedy.count(False):  # some row samples from the global generator

@@ -18,11 +18,13 @@ One step, in order (`Scheduler.schedule`):
    so a large group cannot be starved by smaller requests behind it.
 
 Release contract: every sequence leaves the scheduler exactly once, through
-`StepPlan.released` — finished or aborted, whether or not it ever held a slot (`slot is None`
-means the runner has nothing to free). Aborted sequences come out with
+`StepPlan.released` — finished or aborted, whether or not it ever ran (the runner frees
+whatever it holds for it, possibly nothing). Aborted sequences come out with
 `finish_reason == FinishReason.ABORT`, so the engine sends their final event from `released`;
-sequences that finished otherwise were already reported by `update` or by the engine's own
-`finish` call.
+sequences that finished otherwise were already reported when the engine called `finish`.
+
+The scheduler does not decide why a sequence ends: `update` only appends tokens, and the
+engine asks `sequence.check_stop` (EOS, stop strings, grammar, length) and calls `finish`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field, fields
 
-from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
 
 
 @dataclass(slots=True)
@@ -100,12 +102,7 @@ class StepPlan:
 
     prefills: list[PrefillChunk] = field(default_factory=list)
     decodes: list[Sequence] = field(default_factory=list)
-    released: list[Sequence] = field(default_factory=list)  # left the scheduler; free `slot`
-
-    @property
-    def is_empty(self) -> bool:
-        """True when there is nothing to run and nothing to release."""
-        return not (self.prefills or self.decodes or self.released)
+    released: list[Sequence] = field(default_factory=list)  # left the scheduler; free their state
 
     @property
     def num_batched_tokens(self) -> int:
@@ -270,8 +267,7 @@ class Scheduler:
 
         def keep(seq: Sequence) -> bool:
             if seq.aborted and not seq.is_finished:
-                seq.status = SequenceStatus.FINISHED
-                seq.finish_reason = FinishReason.ABORT
+                self.finish(seq, check_stop(seq) or FinishReason.ABORT)
             if seq.is_finished:
                 released.append(seq)
                 return False
@@ -291,10 +287,10 @@ class Scheduler:
 
         Prefill chunks advance `num_computed`; a chunk that completes its prompt appends the
         first output token and moves the sequence to DECODING. Decode rows advance
-        `num_computed` by one and append a token. A sequence reaching `max_tokens` finishes
-        with LENGTH. Sequences finished or aborted since `schedule()` are skipped, so after a
-        failed step the engine can `finish(seq, ERROR)` each of them and call
-        `update(plan, {})`.
+        `num_computed` by one and append a token. Whether the token ends the sequence is the
+        engine's question (`check_stop`). Sequences finished or aborted since `schedule()` are
+        skipped, so after a failed step the engine can `finish(seq, ERROR)` each of them and
+        call `update(plan, {})`.
 
         Args:
             plan: the plan returned by the last `schedule()`.
@@ -322,12 +318,10 @@ class Scheduler:
             changed.append(seq)
         return changed
 
-    def _append(self, seq: Sequence, sampled: dict[str, int]) -> None:
-        """Append the sampled token of `seq`; finish it with LENGTH at `max_tokens`."""
+    @staticmethod
+    def _append(seq: Sequence, sampled: dict[str, int]) -> None:
+        """Append the sampled token of `seq`."""
         try:
-            token = sampled[seq.seq_id]
+            seq.output_ids.append(sampled[seq.seq_id])
         except KeyError:
             raise KeyError(f"no sampled token for sequence {seq.seq_id!r}") from None
-        seq.output_ids.append(token)
-        if len(seq.output_ids) >= seq.params.max_tokens:
-            self.finish(seq, FinishReason.LENGTH)

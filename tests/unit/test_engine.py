@@ -376,7 +376,8 @@ def test_a_failure_in_one_requests_output_fails_only_that_request(demo) -> None:
 def test_callers_that_leave_before_their_turn_are_skipped(demo) -> None:
     import concurrent.futures
 
-    from server.engine.engine import _Call, _Client
+    from server.engine.engine import Admit, Call
+    from server.engine.output import RequestOutput
 
     model, tokenizer, _ = demo
     engine = Engine(model, tokenizer, SchedulerConfig(max_model_len=512))
@@ -388,13 +389,13 @@ def test_callers_that_leave_before_their_turn_are_skipped(demo) -> None:
             # What a disconnect does to a request (or an admin call) still in the inbox:
             # its future is cancelled, and a cancelled future refuses a result.
             loop = asyncio.get_running_loop()
-            client = _Client(_request(prompt, max_tokens=2), loop, asyncio.Queue(), 1)
-            for item in ((client, concurrent.futures.Future()), _Call(dict, None)):
-                done = item[1] if isinstance(item, tuple) else concurrent.futures.Future()
-                if isinstance(item, _Call):
-                    item.done = done
-                done.cancel()
-                engine._inbox.put(item)
+            client = RequestOutput(_request(prompt, max_tokens=2), loop, asyncio.Queue(), 1)
+            for message in (
+                Admit(client, concurrent.futures.Future()),
+                Call(dict, concurrent.futures.Future()),
+            ):
+                (message.admitted if isinstance(message, Admit) else message.done).cancel()
+                engine._inbox.put(message)
             return await _collect(engine, _request(prompt, max_tokens=2))
 
         _, ids, _ = asyncio.run(leave_early())

@@ -15,7 +15,7 @@ from server.engine.scheduler import (
     SchedulerConfig,
     StepPlan,
 )
-from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
 
 
 def make(rid: str, prompt_len: int, n: int = 1, max_tokens: int = 8, cached: int = 0):
@@ -45,7 +45,9 @@ def step(sched: Scheduler) -> StepPlan:
     assert all(c.end > c.start for c in plan.prefills), "empty prefill chunk"
     sampled = {c.seq.seq_id: fake_token(c.seq) for c in plan.prefills if c.is_last}
     sampled.update({s.seq_id: fake_token(s) for s in plan.decodes})
-    sched.update(plan, sampled)
+    for seq in sched.update(plan, sampled):  # the engine's stop decision, as it makes it
+        if (reason := check_stop(seq)) is not None:
+            sched.finish(seq, reason)
     return plan
 
 
@@ -227,7 +229,7 @@ def test_abort_while_waiting():
     step(sched)
     sched.abort("victim")
     plan = step(sched)  # blocker finishes by LENGTH this step
-    assert plan.released == [victim] and victim.slot is None
+    assert plan.released == [victim] and victim.finish_reason is FinishReason.ABORT
     plan = step(sched)
     assert prefilled_ids(plan) == ["next/0"]
     assert victim.output_ids == []
