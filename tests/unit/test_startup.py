@@ -238,19 +238,31 @@ def test_bad_flag_exits_2_with_one_line(
 
 @pytest.fixture
 def served_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Stand-ins for server.app.create_app and uvicorn.run that record their arguments."""
-    import uvicorn
+    """Stand-ins for server.app.create_app and the uvicorn server that record their arguments."""
+    import server.drain
 
     calls: dict[str, Any] = {}
     app = types.ModuleType("server.app")
+    the_app = types.SimpleNamespace(state=types.SimpleNamespace(drain="the-drain"))
 
-    def create_app(settings: Settings) -> str:
+    def create_app(settings: Settings) -> Any:
         calls["settings"] = settings
-        return "the-app"
+        return the_app
+
+    class Server:
+        started = True
+
+        def __init__(self, config: Any, drain: Any) -> None:
+            calls["app"], calls["drain"] = config.app, drain
+            calls["run"] = {k: getattr(config, k) for k in ("host", "port", "log_level")}
+
+        def run(self) -> None:
+            calls["ran"] = True
 
     app.create_app = create_app  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "server.app", app)
-    monkeypatch.setattr(uvicorn, "run", lambda a, **kw: calls.update(app=a, run=kw))
+    monkeypatch.setattr(server.drain, "DrainingServer", Server)
+    calls["the_app"] = the_app
     return calls
 
 
@@ -265,7 +277,8 @@ def test_serve_runs_uvicorn_with_layered_settings(
     settings = served_calls["settings"]
     assert (settings.max_n, settings.max_running, settings.port) == (3, 7, 9001)
     assert settings.api_keys == ["k1", "k2"]
-    assert served_calls["app"] == "the-app"
+    assert served_calls["app"] is served_calls["the_app"]
+    assert served_calls["drain"] == "the-drain" and served_calls["ran"]
     assert served_calls["run"] == {"host": "127.0.0.1", "port": 9001, "log_level": "info"}
 
 
