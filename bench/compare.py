@@ -8,7 +8,7 @@ server in turn on a free loopback port, from this interpreter's environment:
   may be empty offline, where the Hugging Face cache scan behind it fails after the status
   line). Requests name the model ``default_model``, mlx_lm.server's name for ``--model``.
 
-Each server gets a warm-up request, then the same loads from ``server/loadgen.py``: every
+Each server gets a warm-up request, then the same loads from ``devtools/loadgen.py``: every
 concurrency C of ``--concurrency`` (default 1 4 16 32) with ~200-token prompts and 128 output
 tokens, N = max(4, 2C) requests (``--num-requests`` fixes N; ``--quick`` uses N = max(2, C)),
 then ~2,000-token prompts with 4 output tokens, one at a time, for prefill speed (prompt tokens
@@ -59,8 +59,8 @@ from typing import Any
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.serverproc import ServerProcess, free_port, moeserve_command
+from devtools.loadgen import run_load
 from models.backend.blas import blas_path
-from server.loadgen import run_load
 
 MLX_LM_MODEL = "default_model"  # mlx_lm.server's name for the model given by --model
 MB = 1 << 20

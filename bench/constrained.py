@@ -24,7 +24,7 @@ from server.engine.events import ErrorEvent, FinishEvent, GenerationRequest
 from server.engine.grammar import Constraint
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
-from server.tokenizer import Tokenizer
+from server.text.tokenizer import Tokenizer
 
 ITEM = {
     "type": "object",

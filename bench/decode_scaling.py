@@ -22,7 +22,7 @@ from server.engine.engine import Engine
 from server.engine.events import FinishEvent, GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
-from server.tokenizer import Tokenizer
+from server.text.tokenizer import Tokenizer
 
 
 async def _one(engine: Engine, prompt: list[int], tokens: int) -> int:

@@ -1,6 +1,6 @@
 """MLX model code for Mixture-of-Experts language models: layers, architectures, loading.
 
-Knows nothing of HTTP, sessions or chat templates (see ARCHITECTURE.md).
+Knows nothing of HTTP, sessions or chat templates (see the architecture section of the README).
 """
 
 # First: the backend chooses the BLAS before anything loads mlx.core (models/backend/blas.py).

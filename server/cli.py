@@ -2,7 +2,7 @@
 
 Knows argument parsing and how to wire a loaded model, its tokenizer and the engine together
 for a terminal user. ``serve``'s flags are generated from ``server.settings.Settings``, one per
-setting; the HTTP server itself lives in ``server/app.py``.
+setting; the HTTP server itself lives in ``server/http/app.py``.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from devtools.demo import demo_model_dir
 from models.backend import is_cpu
 from models.errors import ModelError
 from models.loader import load
-from server.demo import demo_model_dir
 from server.engine.engine import Engine
 from server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
 from server.settings import Settings, cli_flag, env_var, load_settings
-from server.tokenizer import Tokenizer
+from server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger("moeserve")
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--group-size", type=int, default=64)
     conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
 
-    from server import loadgen
+    from devtools import loadgen
 
     bench = sub.add_parser(
         "bench", help="load-test any OpenAI-compatible server (streaming chat, C clients)"
@@ -151,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
     settings = load_settings(getattr(args, "config", None), **overrides)
     logging.basicConfig(level=settings.log_level.upper(), format=_LOG_FORMAT)
-    from server.app import create_app  # imported late: it pulls in FastAPI and the engine
+    from server.http.app import create_app  # imported late: it pulls in FastAPI and the engine
 
     if settings.model is not None:
         # Fail before uvicorn starts, with one line, for the common mistakes (wrong path or
@@ -162,11 +162,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     from uvicorn.config import STARTUP_FAILURE
 
-    from server.drain import CUT_GRACE_SECONDS, DrainingServer
+    from server.http.drain import CUT_GRACE_SECONDS, DrainingServer
 
     app = create_app(settings)
     # sse-starlette would cut every stream the moment uvicorn starts its exit; the drain
-    # (server/drain.py) ends them itself, each with an error event and [DONE].
+    # (server/http/drain.py) ends them itself, each with an error event and [DONE].
     AppStatus.disable_automatic_graceful_drain()
     config = uvicorn.Config(
         app,
@@ -242,7 +242,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from server import loadgen
+    from devtools import loadgen
 
     return loadgen.main(args)
 

@@ -3,7 +3,7 @@
 Knows how settings turn into a served model: which checkpoint (the demo model when none is
 given), which dtype, the id and aliases clients address it by, and its context length.
 Shows a progress bar while weights are read. Knows nothing about HTTP or the engine thread:
-the app (``server/app.py``) calls ``load_served_model`` and builds the engine around it.
+the app (``server/http/app.py``) calls ``load_served_model`` and builds the engine around it.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
+from devtools.demo import DEMO_MODEL_ID, demo_model_dir
 from models.backend import kernels, set_fast_math
 from models.backend.blas import blas_in_use
 from models.errors import ModelError
 from models.loader import LoadedModel, Progress, load
 from models.quantize import count_parameters
-from server.demo import DEMO_MODEL_ID, demo_model_dir
 from server.settings import Settings
-from server.tokenizer import Tokenizer
+from server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

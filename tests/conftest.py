@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import models  # noqa: F401
-from server.demo import CheckpointSpec, build_checkpoint
+from devtools.demo import CheckpointSpec, build_checkpoint
 from tests.live import LiveServer
 
 

@@ -57,7 +57,7 @@ _SHIM_SOURCE = Path(__file__).with_name("gemv_forward.c")
 
 
 def _cache_dir() -> Path:
-    # The same directory as the demo model (server/demo.py); the Docker image points it at a
+    # The same directory as the demo model (devtools/demo.py); the Docker image points it at a
     # volume.
     return Path(os.environ.get("MOESERVE_CACHE_DIR", Path.home() / ".cache" / "moeserve"))
 

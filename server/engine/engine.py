@@ -44,11 +44,11 @@ from server.engine import kv_io
 from server.engine.events import ErrorEvent, Event, FinishEvent, GenerationRequest
 from server.engine.grammar import GrammarCompiler
 from server.engine.output import OutputProcessor, RequestOutput
+from server.engine.prompt_cache import Hit, PromptCache
 from server.engine.runner import Runner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
-from server.prompt_cache import Hit, PromptCache
-from server.tokenizer import Tokenizer
+from server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """What crosses the thread boundary: generation requests in, events out.
 
-Plain Python data only (invariant 1 of ARCHITECTURE.md): no ``mx.array`` ever appears here,
-so the asyncio side can hold these objects while the engine thread keeps computing.
+Plain Python data only (the README's first architecture invariant): no ``mx.array`` ever
+appears here, so the asyncio side can hold these objects while the engine thread computes.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import llguidance
 import mlx.core as mx
 
-from server.tokenizer import Tokenizer
+from server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

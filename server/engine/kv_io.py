@@ -3,7 +3,7 @@
 Knows the runner's per-layer ``KVCache`` objects, the prompt cache's per-layer
 ``(keys, values)`` lists, and how their files are named inside (``keys.<i>``, ``values.<i>``):
 ``tensors`` copies an entry out as plain bytes for the background writer
-(``server/prompt_cache_disk.py``), ``load`` reads a file back with ``mx.load``. Runs on the
+(``server/engine/prompt_cache_disk.py``), ``load`` reads a file back with ``mx.load``. Runs on the
 engine thread only.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from models.cache import KVCache
-from server.prompt_cache_disk import Tensor
+from server.engine.prompt_cache_disk import Tensor
 
 KV = list[tuple[mx.array, mx.array]]
 

@@ -37,7 +37,7 @@ from server.engine.events import (
 from server.engine.sampling import TokenSample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import FinishReason, Sequence, check_stop
-from server.tokenizer import StopMatcher, StreamingDetokenizer, Tokenizer
+from server.text.tokenizer import StopMatcher, StreamingDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
-"""Text around the model: what a model reads and writes besides plain prose.
+"""Text around the model: tokenizer, chat templates, and the tool-call and reasoning formats.
 
-``formats/`` holds one class per tool-call or reasoning format (its detection, markers,
-streaming parser and constraint grammar) and the registry of them. It knows strings and
-token texts; it does not know token ids, HTTP or the engine.
+``tokenizer.py`` (encode, streaming detokenizer, stop strings), ``chat_template.py``
+(Hugging Face-compatible jinja2 rendering) and ``formats/`` (one class per tool-call or
+reasoning format: detection, markers, streaming parser, constraint grammar, and their
+registry). It knows strings, token ids and token texts; it does not know HTTP or the engine.
 """

@@ -63,7 +63,7 @@ def _operations() -> list[tuple[str, str, GenerationMode]]:
     Building the app loads no model. An operation without a body or parameters has no
     schema-breaking request to generate, so it is fuzzed in the positive mode only.
     """
-    from server.app import create_app
+    from server.http.app import create_app
     from server.settings import Settings
 
     spec = create_app(Settings()).openapi()

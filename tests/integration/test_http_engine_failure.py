@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server.deps import Runtime
 from server.engine.engine import Engine
-from server.metrics import Metrics
+from server.http.deps import Runtime
+from server.http.metrics import Metrics
 from server.settings import load_settings
 from server.startup import load_served_model
 

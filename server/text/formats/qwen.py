@@ -1,7 +1,7 @@
 r"""The "qwen" tool-call format: ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``.
 
 Written by Qwen / Hermes-style templates and moeserve's ChatML fallback
-(``server/chat_template.py``). The arguments JSON is streamed as it is generated.
+(``server/text/chat_template.py``). The arguments JSON is streamed as it is generated.
 """
 
 from __future__ import annotations

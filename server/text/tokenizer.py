@@ -1,0 +1,437 @@
+"""Text in, token ids out, and back: tokenizers, chat templates, streaming text and stop strings.
+
+This module knows a Hugging Face model directory's tokenizer files (`tokenizer.json`,
+`tokenizer_config.json`, `chat_template.jinja`, `special_tokens_map.json`) plus the end-of-
+sequence ids in `generation_config.json` and `config.json`. It renders chat templates with
+jinja2 in the same sandbox, filters and globals that Hugging Face's `apply_chat_template`
+provides, turns a stream of generated ids into text without ever emitting half a character, and
+finds stop strings that span token boundaries.
+
+It does not know the model, sampling, sessions or HTTP, and it does not transform messages:
+they reach the template exactly as given. Only the fast-tokenizer format (`tokenizer.json`) is
+read; a directory that ships only `tokenizer.model` or `vocab.json` + `merges.txt` is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from server.text.chat_template import (
+    CHATML_TEMPLATE,
+    TemplateError,
+    compile_chat_template,
+    load_templates,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    # Special tokens are stored either as plain strings or as serialised AddedToken objects.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_ids(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int)]
+    return []
+
+
+class Tokenizer:
+    """A model's tokenizer, special tokens and chat templates.
+
+    Args:
+        backend: The `tokenizers.Tokenizer` that does the encoding and decoding.
+        bos_token: Beginning-of-sequence token text, if the model has one.
+        eos_token: End-of-sequence token text from the tokenizer config.
+        pad_token: Padding token text, if any.
+        chat_templates: Templates by name; empty means the ChatML default (`CHATML_TEMPLATE`).
+        extra_eos_token_ids: Further ids that end generation (generation and model configs).
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        chat_templates: dict[str, str] | None = None,
+        extra_eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        self.backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.pad_token = pad_token
+        self.bos_token_id = self._token_id(bos_token)
+        self.pad_token_id = self._token_id(pad_token)
+        eos_id = self._token_id(eos_token)
+        self.eos_token_ids: frozenset[int] = frozenset(
+            [*([] if eos_id is None else [eos_id]), *extra_eos_token_ids]
+        )
+        added = backend.get_added_tokens_decoder()
+        self.special_token_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
+        self.chat_templates = dict(chat_templates or {})
+        if not self.chat_templates:
+            logger.info("no chat template found; using the ChatML default")
+        # Compile now so that a broken template fails at load, not on the first request.
+        self._compiled = {n: compile_chat_template(s) for n, s in self.chat_templates.items()}
+        self._compiled.setdefault("default", compile_chat_template(CHATML_TEMPLATE))
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load the tokenizer of a model directory in Hugging Face layout.
+
+        Args:
+            path: Directory holding `tokenizer.json` and, optionally, `tokenizer_config.json`,
+                `chat_template.jinja`, `special_tokens_map.json`, `generation_config.json` and
+                `config.json`.
+
+        Returns:
+            The loaded tokenizer.
+
+        Raises:
+            FileNotFoundError: The directory has no `tokenizer.json`.
+            ValueError: A JSON file is malformed or the named templates have no default.
+            TemplateError: A chat template does not compile.
+        """
+        root = Path(path)
+        file = root / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{root}: no tokenizer.json (only fast tokenizers load)")
+        config = _read_json(root / "tokenizer_config.json")
+        special_map = _read_json(root / "special_tokens_map.json")
+
+        def special(name: str) -> str | None:
+            return _token_text(config.get(name)) or _token_text(special_map.get(name))
+
+        extra_eos = [
+            *_as_ids(_read_json(root / "generation_config.json").get("eos_token_id")),
+            *_as_ids(_read_json(root / "config.json").get("eos_token_id")),
+        ]
+        return cls(
+            tokenizers.Tokenizer.from_file(str(file)),
+            bos_token=special("bos_token"),
+            eos_token=special("eos_token"),
+            pad_token=special("pad_token"),
+            chat_templates=load_templates(root, config),
+            extra_eos_token_ids=extra_eos,
+        )
+
+    def _token_id(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            logger.warning("special token %r is not in the vocabulary; ignoring it", token)
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows, added tokens included.
+
+        The model's embedding table may be larger (padded); never smaller.
+        """
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Turn text into token ids.
+
+        Args:
+            text: The text. Special-token text in it (e.g. `<|im_end|>`) becomes that token.
+            add_special_tokens: Apply the tokenizer's post-processor (e.g. prepend BOS).
+
+        Returns:
+            The token ids.
+        """
+        # The batch entry point releases the GIL while it works (``encode`` holds it: seconds
+        # for a megabyte), so a long prompt tokenised in a worker thread leaves the event
+        # loop and the engine thread running.
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Turn token ids into text.
+
+        Args:
+            ids: The token ids.
+            skip_special_tokens: Leave special tokens (BOS, EOS, ChatML markers) out of the text.
+
+        Returns:
+            The text; incomplete UTF-8 at the end shows as U+FFFD.
+        """
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (OpenAI's ``logprobs[].bytes``).
+
+        A single token may hold part of a UTF-8 character, so decoding it to text alone can
+        only show U+FFFD; its bytes are exact. Byte-level BPE pieces map through the GPT-2
+        byte alphabet, SentencePiece byte-fallback pieces (``<0xNN>``) are that byte, and
+        ``▁`` is a space.
+
+        Args:
+            token_id: The token.
+
+        Returns:
+            Its bytes (special tokens give their text's UTF-8).
+        """
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self.special_token_ids:
+            return piece.encode()
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        table = _byte_decoder()
+        if all(ch in table for ch in piece) and "\u2581" not in piece:
+            return bytes(table[ch] for ch in piece)
+        return piece.replace("\u2581", " ").encode()
+
+    def detokenizer(self, keep: frozenset[int] = frozenset()) -> StreamingDetokenizer:
+        """Start an incremental decoder for one generation stream.
+
+        Args:
+            keep: Special token ids whose text is kept (e.g. tool-call markers that a model's
+                tokenizer declares special, which a parser must see); all others are dropped.
+
+        Returns:
+            A fresh `StreamingDetokenizer` bound to this tokenizer.
+        """
+        return StreamingDetokenizer(self, keep)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render a conversation into prompt text with the model's chat template.
+
+        Args:
+            messages: OpenAI-style messages, passed to the template unchanged (assistant
+                `tool_calls` included, whatever type their `arguments` have).
+            tools: Tool schemas; picks the `tool_use` template when the model has one.
+            add_generation_prompt: End with the header of an assistant turn.
+            **template_kwargs: Extra template variables (e.g. `enable_thinking=False`); they
+                override `bos_token`/`eos_token`/`pad_token`.
+
+        Returns:
+            The prompt text.
+
+        Raises:
+            TemplateError: The template rejected the conversation or failed to render it.
+        """
+        name = "tool_use" if tools and "tool_use" in self._compiled else "default"
+        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        specials["pad_token"] = self.pad_token
+        # Hugging Face leaves unset special tokens undefined, so `{{ bos_token }}` renders "".
+        context = {key: value for key, value in specials.items() if value is not None}
+        context.update(template_kwargs)
+        context.update(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        try:
+            return self._compiled[name].render(**context)
+        except Exception as exc:
+            # Whatever a template trips over comes from the conversation or the request's
+            # template variables (a number where it concatenates strings, a kwarg shadowing a
+            # helper it calls): it is the request's problem, never a server error.
+            raise TemplateError(f"chat template failed: {exc}") from exc
+
+    def tokenize_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        """Render a conversation with `apply_chat_template` and encode it.
+
+        Special tokens are not added again: the template already writes BOS when the model
+        wants one, as Hugging Face assumes too.
+
+        Args:
+            messages: As for `apply_chat_template`.
+            **kwargs: `tools`, `add_generation_prompt` and template variables, as there.
+
+        Returns:
+            The prompt's token ids.
+        """
+        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:  # bytes without a printable glyph are shifted past 255, in order
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+class StreamingDetokenizer:
+    """Turns generated token ids into text one token at a time, in O(1) amortised per token.
+
+    It decodes only a small window: the tokens emitted by the previous step (the prefix) and
+    those not yet emitted. Their text minus the prefix's text is the new text. The prefix
+    carries the context decoders need, such as SentencePiece's rule that only the very first
+    token loses its leading space, and it starts on a character boundary. Text that ends in
+    U+FFFD (an unfinished UTF-8 character) is held back until a later token completes it.
+    Special tokens are dropped before decoding, as `decode(..., skip_special_tokens=True)`
+    does, except those the caller asks to keep (tool-call markers a parser must see). So the
+    outputs concatenate to the full decode of the ids whenever their bytes are valid UTF-8;
+    invalid bytes still come out as U+FFFD, though SentencePiece byte fallback may then mark a
+    different number of characters than a one-shot decode does.
+
+    Args:
+        tokenizer: The tokenizer whose `decode` is used.
+        keep: Special token ids to keep in the text rather than drop.
+    """
+
+    # UTF-8 needs at most 4 bytes, so a character completes within 4 tokens; past this many
+    # held tokens the model produced invalid bytes, and they are released as U+FFFD.
+    _MAX_HELD = 8
+
+    def __init__(self, tokenizer: Tokenizer, keep: frozenset[int] = frozenset()) -> None:
+        self._tokenizer = tokenizer
+        self._skip = tokenizer.special_token_ids - keep
+        self._window: list[int] = []
+        self._read = 0  # window[:_read] is the prefix; window[_read:] is not yet emitted
+        self._prefix_text = ""
+
+    def add(self, token_id: int) -> str:
+        """Add one generated token.
+
+        Args:
+            token_id: The token id.
+
+        Returns:
+            The text this token finalised (often "", sometimes several tokens' worth).
+        """
+        if token_id in self._skip:
+            return ""
+        self._window.append(token_id)
+        text = self._decode()
+        undecided = text.endswith("\ufffd") or len(text) <= len(self._prefix_text)
+        if undecided and len(self._window) - self._read < self._MAX_HELD:
+            return ""
+        return self._emit(text)
+
+    def flush(self) -> str:
+        """End the stream.
+
+        Returns:
+            The text still held back (possibly ending in U+FFFD if the bytes never completed).
+        """
+        if len(self._window) == self._read:
+            return ""
+        return self._emit(self._decode())
+
+    def _decode(self) -> str:
+        # Dropped special ids never enter the window, so whatever special token is in it was
+        # asked to be kept: decode without skipping.
+        return self._tokenizer.decode(self._window, skip_special_tokens=False)
+
+    def _emit(self, text: str) -> str:
+        new_text = text[len(self._prefix_text) :]
+        # The tokens just emitted become the next prefix; everything older is dropped.
+        self._window = self._window[self._read :]
+        self._read = len(self._window)
+        self._prefix_text = self._decode()
+        return new_text
+
+
+class StopMatcher:
+    """Cuts a text stream at the first stop string, even when one spans several chunks.
+
+    Text that could be the start of a stop string is held back until the next chunk decides
+    it, never more than `max(len(stop)) - 1` characters. When stop strings overlap, the one
+    that completes first in the stream wins; its text and everything after it are dropped.
+
+    Args:
+        stops: The stop strings; empty strings are ignored.
+    """
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self.stops = sorted({s for s in stops if s}, key=len, reverse=True)
+        self.matched: str | None = None
+        self._held = ""
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop string has completed."""
+        return self.matched is not None
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add newly generated text.
+
+        Args:
+            text: The next chunk of text.
+
+        Returns:
+            The text safe to emit, and whether a stop string completed (after which every
+            further call returns `("", True)`).
+        """
+        if self.matched is not None:
+            return "", True
+        buffer = self._held + text
+        start = self._find_stop(buffer)
+        if start is not None:
+            self._held = ""
+            return buffer[:start], True
+        keep = self._partial_stop_len(buffer)
+        self._held = buffer[len(buffer) - keep :]
+        return buffer[: len(buffer) - keep], False
+
+    def flush(self) -> str:
+        """End the stream.
+
+        Returns:
+            The held-back text, which no stop string can complete any more.
+        """
+        held, self._held = self._held, ""
+        return held
+
+    def _find_stop(self, buffer: str) -> int | None:
+        # Earliest end wins (what a character-by-character stream would see first); among
+        # stops ending at the same place the longest, i.e. earliest start, wins.
+        best: tuple[int, int] | None = None
+        for stop in self.stops:
+            start = buffer.find(stop)
+            if start >= 0 and (best is None or (start + len(stop), start) < best):
+                best = (start + len(stop), start)
+                self.matched = stop
+        return None if best is None else best[1]
+
+    def _partial_stop_len(self, buffer: str) -> int:
+        longest = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(buffer)), longest, -1):
+                if buffer.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
