@@ -158,8 +158,9 @@ async def completions(req: CompletionRequest, runtime: RuntimeDep, http: Request
 def _response(runtime, req, rid, prompts, echoes, per_prompt: list[list[Event]]) -> dict:
     choices, completion, cached = [], 0, 0
     for p, events in enumerate(per_prompt):
-        if any(isinstance(e, ErrorEvent) for e in events):
-            raise APIError(500, "generation failed", type="server_error", code="generation_failed")
+        for event in events:
+            if isinstance(event, ErrorEvent):  # say why, as chat and the streams do
+                raise APIError(500, event.message, type="server_error", code="generation_failed")
         for i in range(req.n):
             deltas = [e for e in events if isinstance(e, DeltaEvent) and e.index == i]
             finish = [e for e in events if isinstance(e, FinishEvent) and e.index == i]
