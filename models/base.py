@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,10 +24,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from models import backend
-from models.cache import KVCache
+from models.cache import BatchKVCache, KVCache
 from models.errors import ConfigError
 from models.layers.rope import RopeConfig, rope_config_from
 from models.quantize import QuantOverride
+
+# One layer's cache in a forward pass: a sequence's own, or the left-padded decode batch's.
+LayerCache = KVCache | BatchKVCache
 
 
 @dataclasses.dataclass
@@ -83,13 +87,14 @@ class LanguageModel(Protocol):
     """The model protocol that ``server/`` relies on, and nothing more.
 
     ``model(tokens, cache)`` maps int32 tokens ``[batch, length]`` to logits
-    ``[batch, length, vocab]``; ``cache`` is a list with one KV cache per layer, as returned
-    by ``make_cache()``, or ``None`` for a stateless forward pass. ``last_only=True`` asks for
-    the last position's logits alone (what a prefill samples from).
+    ``[batch, length, vocab]``; ``cache`` holds one KV cache per layer, as returned by
+    ``make_cache()`` (or those of several sequences merged into ``BatchKVCache``s), or is
+    ``None`` for a stateless forward pass. ``last_only=True`` asks for the last position's
+    logits alone (what a prefill samples from).
     """
 
     def __call__(
-        self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False
+        self, inputs: mx.array, cache: Sequence[LayerCache] | None = None, last_only: bool = False
     ) -> mx.array:
         """Run a forward pass.
 
@@ -103,17 +108,17 @@ class LanguageModel(Protocol):
         """
         ...
 
-    def make_cache(self) -> list[Any]:
+    def make_cache(self) -> list[KVCache]:
         """Return fresh, empty per-layer KV caches for one sequence."""
         ...
 
     @property
-    def layers(self) -> list[Any]:
+    def layers(self) -> list[nn.Module]:
         """The decoder layers, one KV cache each."""
         ...
 
 
-def attention_mask(length: int, cache: Any | None) -> mx.array | str | None:
+def attention_mask(length: int, cache: LayerCache | None) -> mx.array | str | None:
     """The mask for ``length`` new query tokens attending to ``cache`` plus themselves.
 
     A cache that holds rows of different lengths (``BatchKVCache``) builds its own boolean
@@ -128,7 +133,7 @@ def attention_mask(length: int, cache: Any | None) -> mx.array | str | None:
         ``None``, the string ``"causal"``, or a boolean array broadcastable to
         ``[batch, heads, length, cached + length]``.
     """
-    if cache is not None and hasattr(cache, "make_mask"):
+    if isinstance(cache, BatchKVCache):
         if length == 1 and not any(cache.left_padding):
             # One new token per row and no padding (e.g. a lone stream): it sees every cached
             # position, and skipping the mask saves its construction and a select per layer.
@@ -180,7 +185,7 @@ class DecoderStack(nn.Module):
         """The decoder layers, one KV cache each."""
         return self[self.names.layers]
 
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: Sequence[LayerCache] | None = None) -> mx.array:
         """Map token ids ``[B, L]`` to final hidden states ``[B, L, M]``.
 
         Args:
@@ -250,7 +255,7 @@ class CausalLM(nn.Module):
         return self.stack.decoder_layers()
 
     def __call__(
-        self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False
+        self, inputs: mx.array, cache: Sequence[LayerCache] | None = None, last_only: bool = False
     ) -> mx.array:
         """Compute next-token logits.
 

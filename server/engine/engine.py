@@ -38,11 +38,12 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from models.base import LanguageModel
 from server.engine import kv_io
 from server.engine.events import ErrorEvent, Event, FinishEvent, GenerationRequest
-from server.engine.grammar import GrammarCompiler
+from server.engine.grammar import GrammarCompiler, Matcher
 from server.engine.output import OutputProcessor, RequestOutput
 from server.engine.prompt_cache import Hit, PromptCache
 from server.engine.runner import Runner
@@ -51,6 +52,8 @@ from server.engine.sequence import Sequence
 from server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -65,7 +68,7 @@ class Admit:
     """Admit a request; ``admitted`` carries the refusal, if any, back to ``submit``."""
 
     client: RequestOutput
-    admitted: concurrent.futures.Future
+    admitted: concurrent.futures.Future[None]
 
 
 @dataclass
@@ -76,11 +79,11 @@ class Abort:
 
 
 @dataclass
-class Call:
+class Call(Generic[T]):
     """A function to run on the engine thread, with the future that carries its result."""
 
-    fn: Callable[[], Any]
-    done: concurrent.futures.Future
+    fn: Callable[[], T]
+    done: concurrent.futures.Future[T]
 
     def run(self) -> None:
         """Run it; whatever it raises goes to the caller, never to the engine."""
@@ -97,7 +100,7 @@ class Stop:
     """Leave the loop after the current step."""
 
 
-Message = Admit | Abort | Call | Stop
+Message = Admit | Abort | Call[Any] | Stop
 
 
 class Engine:
@@ -114,7 +117,7 @@ class Engine:
 
     def __init__(
         self,
-        model,
+        model: LanguageModel,
         tokenizer: Tokenizer,
         config: SchedulerConfig,
         prompt_cache: PromptCache | None = None,
@@ -178,7 +181,7 @@ class Engine:
         if not self.healthy:
             raise EngineDeadError("the generation engine is not running")
         client = RequestOutput(request, asyncio.get_running_loop(), asyncio.Queue(), request.n)
-        admitted: concurrent.futures.Future = concurrent.futures.Future()
+        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._inbox.put(Admit(client, admitted))
         if self.error is not None:  # died before taking our item (see _run for the order)
             raise EngineDeadError("the generation engine is not running")
@@ -216,7 +219,7 @@ class Engine:
         finally:
             await events.aclose()
 
-    async def call(self, fn: Callable[[], Any]) -> Any:
+    async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` on the engine thread between steps and return its result.
 
         State the engine thread owns (the prompt cache) is only touched there, so admin
@@ -230,7 +233,7 @@ class Engine:
         """
         if not self.healthy:
             raise EngineDeadError("the generation engine is not running")
-        done: concurrent.futures.Future = concurrent.futures.Future()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._inbox.put(Call(fn, done))
         return await asyncio.wrap_future(done)
 
@@ -315,7 +318,7 @@ class Engine:
         except queue.Empty:
             return None
 
-    def _admit(self, client: RequestOutput, admitted: concurrent.futures.Future) -> None:
+    def _admit(self, client: RequestOutput, admitted: concurrent.futures.Future[None]) -> None:
         if not admitted.set_running_or_notify_cancel():
             return  # the client left while it waited in the inbox
         req = client.request
@@ -372,7 +375,7 @@ class Engine:
         except Exception:
             logger.exception("prompt-cache release failed")
 
-    def _matcher(self, request: GenerationRequest) -> Any:
+    def _matcher(self, request: GenerationRequest) -> Matcher | None:
         """A fresh grammar matcher for one choice (GrammarError refuses the request)."""
         return None if request.constraint is None else self.grammar.matcher(request.constraint)
 

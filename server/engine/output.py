@@ -24,7 +24,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from server.engine.events import (
     DeltaEvent,
@@ -39,6 +39,9 @@ from server.engine.scheduler import Scheduler
 from server.engine.sequence import FinishReason, Sequence, check_stop
 from server.text.tokenizer import StopMatcher, StreamingDetokenizer, Tokenizer
 
+if TYPE_CHECKING:  # a hit is carried for the engine, never looked into here
+    from server.engine.prompt_cache import Hit
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,9 +51,9 @@ class RequestOutput:
 
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
+    events: asyncio.Queue[list[Event]]
     open_choices: int
-    hit: Any = None  # the prompt-cache hit this request reuses (pinned until it leaves)
+    hit: Hit | None = None  # the prompt-cache hit this request reuses (pinned until it leaves)
     open_seqs: int = 0  # sequences still known to the scheduler
     failed: bool = False  # an ErrorEvent was sent; the request's other output is dropped
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from models.base import LanguageModel
 from models.cache import BatchKVCache, KVCache
 from server.engine.grammar import allowed_mask
 from server.engine.sampling import Sampler, TokenSample
@@ -49,11 +50,11 @@ class Runner:
     """Runs the model for the scheduler's plans.
 
     Args:
-        model: Anything satisfying the model protocol (``models.base.LanguageModel``).
+        model: Any model of the model protocol.
         sampler: The batched sampler.
     """
 
-    def __init__(self, model, sampler: Sampler | None = None) -> None:
+    def __init__(self, model: LanguageModel, sampler: Sampler | None = None) -> None:
         self.model = model
         self.sampler = sampler or Sampler()
         self._prefill: dict[str, list[KVCache]] = {}  # seq_id -> per-layer cache

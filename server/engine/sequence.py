@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from server.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the grammar module loads llguidance and MLX; a sequence only holds one
+    from server.engine.grammar import Matcher
 
 
 class SequenceStatus(enum.Enum):
@@ -60,7 +63,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     aborted: bool = False  # set by Scheduler.abort; the sequence leaves at the next schedule()
     eos_ids: frozenset[int] = frozenset()  # the tokenizer's EOS ids plus the request's stop ids
-    matcher: Any = None  # server.engine.grammar.Matcher of a constrained choice, else None
+    matcher: Matcher | None = None  # the grammar state of a constrained choice
 
     @property
     def seq_id(self) -> str:
