@@ -1,13 +1,18 @@
-"""Load the model that ``moeserve serve`` serves, and describe it in one line.
+"""Load the model that ``moeserve serve`` serves, build the runtime around it, describe it.
 
 Knows how settings turn into a served model: which checkpoint (the demo model when none is
 given), which dtype, the id and aliases clients address it by, and its context length.
-Shows a progress bar while weights are read. Knows nothing about HTTP or the engine thread:
-the app (``server/http/app.py``) calls ``load_served_model`` and builds the engine around it.
+Shows a progress bar while weights are read. ``build_runtime`` is the app's default runtime
+factory: it loads the model, fingerprints it for the prompt cache's files, picks the chat
+template and tool-call format, starts the engine thread and logs the summary line. Knows
+nothing of routes, middleware or the wire format: ``server/http/app.py`` calls
+``build_runtime`` in its lifespan.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -24,9 +29,16 @@ from devtools.demo import DEMO_MODEL_ID, demo_model_dir
 from models.backend import kernels, set_fast_math
 from models.backend.blas import blas_in_use
 from models.errors import ModelError
-from models.loader import LoadedModel, Progress, load
+from models.loader import LoadedModel, Progress, load, read_json, weight_files
 from models.quantize import count_parameters
+from server.engine import kv_io
+from server.engine.engine import Engine
+from server.engine.prompt_cache import PromptCache, PromptCacheConfig
+from server.http.deps import Runtime
+from server.http.metrics import Metrics
 from server.settings import Settings
+from server.text.chat_template import CHATML_TEMPLATE
+from server.text.formats import DEFAULT_TOOL_FORMAT, detect_tool_format
 from server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -222,3 +234,85 @@ def summary_line(served: ServedModel, settings: Settings) -> str:
         f"{format_bytes(sum(v.nbytes for v in params))}, context {served.max_model_len} tokens, "
         f"BLAS: {blas_in_use()}, {kernels()}; at {server_url(settings.host, settings.port)}"
     )
+
+
+def model_fingerprint(served: ServedModel, dtype: str | None) -> str:
+    """Identify a model's KV format: config, dtype, and a digest of each weight file's head.
+
+    Persisted prompt caches carry it, so a restart with another model (or another fine-tune
+    of the same shape) never reuses them.
+
+    Args:
+        served: The loaded model.
+        dtype: The dtype the weights were loaded in.
+
+    Returns:
+        A hex digest.
+    """
+    digest = hashlib.sha256(json.dumps(served.loaded.config, sort_keys=True).encode())
+    digest.update(str(dtype).encode())
+    for file in weight_files(served.loaded.path):
+        with file.open("rb") as f:
+            digest.update(f.read(1 << 20))  # header + first tensors: cheap, and weight-specific
+    return digest.hexdigest()[:32]
+
+
+def _prompt_cache(settings: Settings, served: ServedModel) -> PromptCache:
+    config = PromptCacheConfig(
+        max_bytes=settings.prompt_cache_max_bytes,
+        ttl_seconds=settings.prompt_cache_ttl_seconds,
+        directory=settings.prompt_cache_dir,
+        fingerprint=model_fingerprint(served, settings.resolved_dtype()),
+    )
+    return PromptCache(config, encode=kv_io.tensors, load=kv_io.load)
+
+
+def _default_template(served: ServedModel) -> str:
+    return served.tokenizer.chat_templates.get("default") or CHATML_TEMPLATE
+
+
+def _tool_format(settings: Settings, served: ServedModel) -> str:
+    """The tool-call format: the setting, else detected from the template, else qwen's."""
+    if settings.tool_parser != "auto":
+        return settings.tool_parser
+    config = read_json(served.loaded.path / "tokenizer_config.json", required=False)
+    vocabulary = served.tokenizer.backend.get_vocab()
+    return detect_tool_format(_default_template(served), config, vocabulary) or DEFAULT_TOOL_FORMAT
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Load the configured model, start the engine, log the summary line.
+
+    Args:
+        settings: The server settings.
+
+    Returns:
+        The runtime the routes serve from.
+
+    Raises:
+        ModelError: The model cannot be found or loaded, or has no usable tokenizer.
+    """
+    served = load_served_model(settings)
+    engine = Engine(
+        served.loaded.model,
+        served.tokenizer,
+        settings.scheduler_config(served.max_model_len),
+        prompt_cache=_prompt_cache(settings, served) if settings.prompt_cache else None,
+    )
+    engine.start()
+    engine.grammar.ll_tokenizer  # noqa: B018  build llguidance's tokenizer now, not on a request
+    runtime = Runtime(
+        model_id=served.model_id,
+        aliases=list(served.aliases),
+        tokenizer=served.tokenizer,
+        engine=engine,
+        max_model_len=served.max_model_len,
+        created=served.created or int(time.time()),
+        settings=settings,
+        metrics=Metrics(engine.stats),
+        tool_format=_tool_format(settings, served),
+        chat_template=_default_template(served),
+    )
+    # Under the server's logger name, like the CLI's own lines: users see it as moeserve's.
+    logging.getLogger("moeserve").info("%s", summary_line(served, settings))
+    return runtime

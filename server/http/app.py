@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.http.asgi import send_json
 from server.http.deps import Runtime
 from server.http.drain import Drain, DrainMiddleware
 from server.http.errors import APIError, install_handlers
 from server.http.limits import BodyLimitMiddleware
 from server.http.routes import admin, chat, completions
 from server.http.routes import models as models_api
+from server.settings import Settings
+from server.startup import build_runtime
 
-logger = logging.getLogger("moeserve")
-
-RuntimeFactory = Callable[[Any], Runtime]
+RuntimeFactory = Callable[[Settings], Runtime]
 OPEN_PATHS = frozenset({"/health"})  # reachable without an API key (load balancers, Docker)
 
 
@@ -62,7 +61,9 @@ class APIKeyMiddleware:
         admin_keys: Keys that may also see and delete every tenant's sessions (accepted too).
     """
 
-    def __init__(self, app: Any, keys: frozenset[str], admin_keys: frozenset[str] = frozenset()):
+    def __init__(
+        self, app: ASGIApp, keys: frozenset[str], admin_keys: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.keys = {key.encode("utf-8"): tenant_id(key) for key in keys | admin_keys}
         self.admin_keys = frozenset(key.encode("utf-8") for key in admin_keys)
@@ -79,7 +80,7 @@ class APIKeyMiddleware:
                 match = key
         return match
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass authorised (or open) requests through; answer 401 otherwise."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -99,34 +100,23 @@ class APIKeyMiddleware:
             "Invalid or missing API key (send 'Authorization: Bearer <key>')",
             code="invalid_api_key",
         )
-        body = json.dumps(err.body()).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 401, err.body(), [(b"www-authenticate", b"Bearer")])
 
 
 class MetricsMiddleware:
     """Counts finished requests by route template and status."""
 
-    def __init__(self, app: Any, fastapi_app: FastAPI) -> None:
+    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
         self.app, self.fastapi_app = app, fastapi_app
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request and count it once the response status is known."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status = {"code": 500}
 
-        async def capture(message: dict) -> None:
+        async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
@@ -140,18 +130,19 @@ class MetricsMiddleware:
                 runtime.metrics.count_request(route, status["code"])
 
 
-def create_app(settings: Any, runtime_factory: RuntimeFactory | None = None) -> FastAPI:
+def create_app(settings: Settings, runtime_factory: RuntimeFactory | None = None) -> FastAPI:
     """Build the application.
 
     Args:
-        settings: ``server.settings.Settings``.
-        runtime_factory: Builds the runtime in the lifespan (default: load the configured
-            model and start the engine thread).
+        settings: The server settings.
+        runtime_factory: Builds the runtime in the lifespan (default:
+            ``server.startup.build_runtime``, which loads the configured model and starts the
+            engine thread).
 
     Returns:
         The FastAPI app.
     """
-    factory = runtime_factory or _default_runtime
+    factory = runtime_factory or build_runtime
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -161,9 +152,7 @@ def create_app(settings: Any, runtime_factory: RuntimeFactory | None = None) -> 
             yield
         finally:
             app.state.runtime = None
-            shutdown = getattr(runtime.engine, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            runtime.engine.shutdown()
 
     app = FastAPI(
         title="moeserve",
@@ -194,90 +183,3 @@ def create_app(settings: Any, runtime_factory: RuntimeFactory | None = None) -> 
             allow_headers=["*"],
         )
     return app
-
-
-def model_fingerprint(served: Any, dtype: str | None) -> str:
-    """Identify a model's KV format: config, dtype, and a digest of each weight file's head.
-
-    Persisted prompt caches carry it, so a restart with another model (or another fine-tune
-    of the same shape) never reuses them.
-
-    Args:
-        served: A ``server.startup.ServedModel``.
-        dtype: The dtype the weights were loaded in.
-
-    Returns:
-        A hex digest.
-    """
-    from models.loader import weight_files
-
-    digest = hashlib.sha256(json.dumps(served.loaded.config, sort_keys=True).encode())
-    digest.update(str(dtype).encode())
-    for file in weight_files(served.loaded.path):
-        with file.open("rb") as f:
-            digest.update(f.read(1 << 20))  # header + first tensors: cheap, and weight-specific
-    return digest.hexdigest()[:32]
-
-
-def _prompt_cache(settings: Any, served: Any) -> Any:
-    from server.engine import kv_io
-    from server.engine.prompt_cache import PromptCache, PromptCacheConfig
-
-    config = PromptCacheConfig(
-        max_bytes=settings.prompt_cache_max_bytes,
-        ttl_seconds=settings.prompt_cache_ttl_seconds,
-        directory=settings.prompt_cache_dir,
-        fingerprint=model_fingerprint(served, settings.resolved_dtype()),
-    )
-    return PromptCache(config, encode=kv_io.tensors, load=kv_io.load)
-
-
-def _default_template(served: Any) -> str:
-    from server.text.chat_template import CHATML_TEMPLATE
-
-    return served.tokenizer.chat_templates.get("default") or CHATML_TEMPLATE
-
-
-def _tool_format(settings: Any, served: Any) -> str:
-    """The tool-call format: the setting, else detected from the template, else qwen's."""
-    if settings.tool_parser != "auto":
-        return settings.tool_parser
-    from models.loader import read_json
-    from server.text.formats import DEFAULT_TOOL_FORMAT, detect_tool_format
-
-    config = read_json(served.loaded.path / "tokenizer_config.json", required=False)
-    vocabulary = served.tokenizer.backend.get_vocab()
-    return detect_tool_format(_default_template(served), config, vocabulary) or DEFAULT_TOOL_FORMAT
-
-
-def _default_runtime(settings: Any) -> Runtime:
-    """Load the configured model, start the engine, print the summary line."""
-    import time
-
-    from server.engine.engine import Engine
-    from server.http.metrics import Metrics
-    from server.startup import load_served_model, summary_line
-
-    served = load_served_model(settings)
-    engine = Engine(
-        served.loaded.model,
-        served.tokenizer,
-        settings.scheduler_config(served.max_model_len),
-        prompt_cache=_prompt_cache(settings, served) if settings.prompt_cache else None,
-    )
-    engine.start()
-    engine.grammar.ll_tokenizer  # noqa: B018  build llguidance's tokenizer now, not on a request
-    runtime = Runtime(
-        model_id=served.model_id,
-        aliases=list(served.aliases),
-        tokenizer=served.tokenizer,
-        engine=engine,
-        max_model_len=served.max_model_len,
-        created=served.created or int(time.time()),
-        settings=settings,
-        metrics=Metrics(engine.stats),
-        tool_format=_tool_format(settings, served),
-        chat_template=_default_template(served),
-    )
-    logger.info("%s", summary_line(served, settings))
-    return runtime

@@ -7,22 +7,35 @@ engine. Nothing here runs MLX.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Protocol, TypeVar
 
 from fastapi import Depends, Request
 
+from server.engine.events import Event, GenerationRequest
+from server.engine.grammar import GrammarCompiler
+from server.engine.prompt_cache import PromptCache
 from server.http.errors import APIError, model_not_found
 from server.http.metrics import Metrics
+from server.settings import Settings
 from server.text.tokenizer import Tokenizer
+
+T = TypeVar("T")
 
 
 class EngineLike(Protocol):
     """What the API needs from the engine (``server.engine.engine.Engine`` or a fake)."""
 
-    healthy: bool
+    grammar: GrammarCompiler  # compiles constraints, from any thread
+    prompt_cache: PromptCache | None  # sessions' KV caches; touched on the engine thread only
 
-    async def submit(self, request: Any) -> Any:
+    @property
+    def healthy(self) -> bool:
+        """Whether the engine thread is alive and accepting work."""
+        ...
+
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Admit a request; return its event iterator."""
         ...
 
@@ -30,8 +43,16 @@ class EngineLike(Protocol):
         """Cancel a request."""
         ...
 
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` on the engine thread between steps; return its result."""
+        ...
+
     def stats(self) -> dict[str, int]:
-        """Queue sizes."""
+        """Queue sizes and prompt-cache memory."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the engine thread (the lifespan's end)."""
         ...
 
 
@@ -45,13 +66,14 @@ class Runtime:
     engine: EngineLike
     max_model_len: int
     created: int
-    settings: Any  # server.settings.Settings
+    settings: Settings
     metrics: Metrics
     fingerprint: str = "fp_moeserve"
     tool_format: str = "qwen"  # the tool-call format of its template (server/text/formats)
     chat_template: str | None = None  # the default template's source, for reasoning detection
-    grammar: Any = None  # server.engine.grammar.GrammarCompiler, built on first use
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Values the routes work out once per runtime (``routes/common.py``: prompt_byte_limit).
+    extra: dict[str, int | None] = field(default_factory=dict)
+    _vocabulary: dict[str, int] | None = field(default=None, init=False, repr=False)
 
     def vocabulary(self) -> dict[str, int]:
         """The tokenizer's vocabulary (token text -> id), read once.
@@ -59,23 +81,17 @@ class Runtime:
         Returns:
             The vocabulary.
         """
-        if "vocabulary" not in self.extra:
-            self.extra["vocabulary"] = self.tokenizer.backend.get_vocab()
-        return self.extra["vocabulary"]
+        if self._vocabulary is None:
+            self._vocabulary = self.tokenizer.backend.get_vocab()
+        return self._vocabulary
 
-    def grammar_compiler(self) -> Any:
-        """The constrained-decoding compiler for this tokenizer (created on first use).
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The constrained-decoding compiler for this tokenizer: the engine's.
 
         Returns:
-            A ``server.engine.grammar.GrammarCompiler``.
+            The compiler.
         """
-        if self.grammar is None:
-            self.grammar = getattr(self.engine, "grammar", None)
-        if self.grammar is None:
-            from server.engine.grammar import GrammarCompiler
-
-            self.grammar = GrammarCompiler(self.tokenizer)
-        return self.grammar
+        return self.engine.grammar
 
     def check_model(self, name: str | None) -> None:
         """Refuse a ``model`` field that is neither the served id nor an alias.

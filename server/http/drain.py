@@ -25,12 +25,15 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from types import FrameType
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.http.asgi import send_json
 from server.http.errors import APIError
 
 logger = logging.getLogger("moeserve")
@@ -146,7 +149,7 @@ class Drain:
             task.cancel()  # the client left: the stream's generator is closed as well
 
 
-def drain_of(app: Any) -> Drain | None:
+def drain_of(app: FastAPI) -> Drain | None:
     """The app's ``Drain``, if it has one.
 
     Args:
@@ -166,10 +169,10 @@ class DrainMiddleware:
         drain: The app's drain.
     """
 
-    def __init__(self, app: Any, drain: Drain) -> None:
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
         self.app, self.drain = app, drain
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request, counted; or refuse it while draining."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -183,29 +186,17 @@ class DrainMiddleware:
         finally:
             self.drain.in_flight -= 1
 
-    async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Read the body first (the body limit bounds it): closing a socket with unread input
         # resets the connection, and the client would see that instead of the 503.
-        message: dict = {"more_body": True}
+        message: Message = {"more_body": True}
         while message.get("more_body") and message.get("type") != "http.disconnect":
             message = await receive()
         if scope["path"] == "/health":
-            payload: dict = {"status": "draining"}
+            payload: dict[str, Any] = {"status": "draining"}
         else:
             payload = shutting_down().body()
-        body = json.dumps(payload).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 503,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"connection", b"close"),
-                    (b"retry-after", b"1"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 503, payload, [(b"connection", b"close"), (b"retry-after", b"1")])
 
 
 class DrainingServer(uvicorn.Server):

@@ -17,11 +17,11 @@ Knows ASGI messages and OpenAI's error envelope; knows nothing of routes or the 
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
-from typing import Any
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.http.asgi import send_json
 from server.http.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def too_large(limit: int) -> APIError:
     )
 
 
-def _declared_length(scope: dict) -> int | None:
+def _declared_length(scope: Scope) -> int | None:
     """The request's ``Content-Length``, or None (absent: chunked or no body)."""
     for name, value in scope["headers"]:
         if name == b"content-length":
@@ -62,24 +62,13 @@ class BodyLimitMiddleware:
         max_bytes: The largest body accepted.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
-    async def _refuse(self, send: Callable) -> None:
-        body = json.dumps(too_large(self.max_bytes).body()).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, send: Send) -> None:
+        await send_json(send, 413, too_large(self.max_bytes).body())
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request through, counting its body; answer 413 once it is too large."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -90,7 +79,7 @@ class BodyLimitMiddleware:
             return
         state = {"received": 0, "refused": False, "started": False}
 
-        async def counted_receive() -> dict:
+        async def counted_receive() -> Message:
             if state["refused"]:
                 return {"type": "http.disconnect"}
             message = await receive()
@@ -107,7 +96,7 @@ class BodyLimitMiddleware:
                 await self._refuse(send)
             return {"type": "http.disconnect"}
 
-        async def guarded_send(message: dict) -> None:
+        async def guarded_send(message: Message) -> None:
             if state["refused"]:
                 return  # the 413 is the answer; the app's reply to the "disconnect" is not
             if message["type"] == "http.response.start":
