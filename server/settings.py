@@ -1,10 +1,11 @@
 """Server settings: ``config/server.toml`` < ``MOESERVE_*`` environment < command-line flags.
 
-Knows every setting of ``moeserve serve``, its default, its documentation and its checks,
-where each value came from (so that an error names the setting *and* its source), and how
-the settings become a ``SchedulerConfig``. Knows nothing about HTTP, models or the engine's
-internals: the model-dependent defaults (``max_model_len``, the served name) are resolved in
-``server/startup.py`` once the model is loaded.
+Knows every setting of ``moeserve serve``, its default, its documentation and its checks, and
+how the settings become a ``SchedulerConfig``. Where each value came from (so that an error
+names the setting *and* its source), the flags' and variables' spellings and the TOML file
+are ``server/settings_sources.py``'s, re-exported here. Knows nothing about HTTP, models or
+the engine's internals: the model-dependent defaults (``max_model_len``, the served name) are
+resolved in ``server/startup.py`` once the model is loaded.
 
 ``Settings()`` alone reads keyword arguments and the environment; ``load_settings`` adds the
 TOML file underneath them, which is what the command line uses.
@@ -14,13 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -29,86 +27,38 @@ from pydantic_settings import (
 )
 
 from server.engine.scheduler import SchedulerConfig
+from server.settings_sources import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    ENV_PREFIX,
+    FileSource,
+    SettingsError,
+    cli_flag,
+    conflict,
+    env_var,
+    file_values,
+    read_config_file,
+    resolve_config_path,
+    settings_error,
+)
 from server.text.formats import TOOL_FORMAT_NAMES
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
-ENV_PREFIX = "MOESERVE_"
-CONFIG_ENV = "MOESERVE_CONFIG"  # names the TOML file; not a setting itself
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "server.toml"
-
-# List settings take one value per flag occurrence, so their flags read in the singular.
-_LIST_FLAGS = {
-    "model_aliases": "--model-alias",
-    "api_keys": "--api-key",
-    "admin_api_keys": "--admin-api-key",
-    "cors_origins": "--cors-origin",
-}
-# The TOML values of the load_settings call in progress, read by the lowest-priority source.
-_FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("moeserve_file_values")
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG",
+    "ENV_PREFIX",
+    "Settings",
+    "SettingsError",
+    "cli_flag",
+    "env_var",
+    "load_settings",
+    "resolve_config_path",
+]
 
 # A list read from the environment arrives as one string; the before-validator splits it.
 StrList = Annotated[list[str], NoDecode]
 # "auto" or a registered tool-call format (server/text/formats); the flag's choices too.
 ToolParserChoice = Literal[("auto", *TOOL_FORMAT_NAMES)]  # type: ignore[valid-type]
-
-
-class SettingsError(ValueError):
-    """A setting has a bad value; the message names the setting and where the value came from.
-
-    Attributes:
-        settings: The names of the settings at fault (empty for a file-level problem).
-    """
-
-    def __init__(self, message: str, settings: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.settings = settings
-
-
-def cli_flag(name: str) -> str:
-    """The command-line flag of a setting.
-
-    Args:
-        name: A ``Settings`` field name.
-
-    Returns:
-        The flag, e.g. ``--max-running`` or ``--api-key``.
-    """
-    return _LIST_FLAGS.get(name, "--" + name.replace("_", "-"))
-
-
-def env_var(name: str) -> str:
-    """The environment variable of a setting.
-
-    Args:
-        name: A ``Settings`` field name.
-
-    Returns:
-        The variable name, e.g. ``MOESERVE_PORT``.
-    """
-    return ENV_PREFIX + name.upper()
-
-
-def _conflict(names: tuple[str, ...], message: str) -> PydanticCustomError:
-    """A model-level error that remembers which settings it is about, for the message."""
-    # The message travels as context, not as the template, so braces in it stay literal.
-    return PydanticCustomError(
-        "setting_conflict", "{detail}", {"detail": message, "settings": ",".join(names)}
-    )
-
-
-class _FileSource(PydanticBaseSettingsSource):
-    """The TOML file's values, below the environment (see ``load_settings``)."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        """Unused: ``__call__`` hands over the whole table at once."""
-        return _FILE_VALUES.get({}).get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(_FILE_VALUES.get({}))
 
 
 class Settings(BaseSettings):
@@ -243,7 +193,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Keyword arguments (the CLI) > environment > TOML; no ``.env`` or secrets dirs."""
-        return init_settings, env_settings, _FileSource(settings_cls)
+        return init_settings, env_settings, FileSource(settings_cls)
 
     @field_validator("model_aliases", "api_keys", "admin_api_keys", "cors_origins", mode="before")
     @classmethod
@@ -306,7 +256,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_together(self) -> Settings:
         if self.prefill_chunk > self.max_batched_tokens:
-            raise _conflict(
+            raise conflict(
                 ("prefill_chunk", "max_batched_tokens"),
                 f"prefill_chunk ({self.prefill_chunk}) must not exceed max_batched_tokens "
                 f"({self.max_batched_tokens}): a chunk is computed within one step's budget",
@@ -359,66 +309,19 @@ def _read_key_file(path: Path) -> frozenset[str]:
     try:
         text = path.expanduser().read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise _conflict(("api_key_file",), f"cannot read {path}: {e}") from None
+        raise conflict(("api_key_file",), f"cannot read {path}: {e}") from None
     keys = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if any(c.isspace() for c in line):
-            raise _conflict(("api_key_file",), f"{path} line {number}: a key has no spaces")
+            raise conflict(("api_key_file",), f"{path} line {number}: a key has no spaces")
         keys.append(line)
     if not keys:
         # An empty file would silently switch authentication off.
-        raise _conflict(("api_key_file",), f"{path} holds no keys")
+        raise conflict(("api_key_file",), f"{path} holds no keys")
     return frozenset(keys)
-
-
-def resolve_config_path(explicit: Path | None = None) -> Path | None:
-    """Which TOML file to read.
-
-    A file the user names (``--config``, ``MOESERVE_CONFIG``) must exist; the repository's
-    ``config/server.toml`` is optional, since an installed package does not ship it.
-
-    Args:
-        explicit: A path from ``--config``; it wins over ``MOESERVE_CONFIG``.
-
-    Returns:
-        The path, or None for no file.
-    """
-    if explicit is not None:
-        return Path(explicit).expanduser()
-    if os.environ.get(CONFIG_ENV):
-        return Path(os.environ[CONFIG_ENV]).expanduser()
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Read a settings TOML file, refusing keys that are not settings.
-
-    Args:
-        path: The file.
-
-    Returns:
-        Setting name -> value.
-
-    Raises:
-        SettingsError: Missing, unreadable, not TOML, or an unknown key.
-    """
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SettingsError(f"cannot read config file {path}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SettingsError(f"config file {path} is not valid TOML: {e}") from None
-    unknown = sorted(data.keys() - Settings.model_fields.keys())
-    if unknown:
-        raise SettingsError(
-            f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
-            f"known: {', '.join(Settings.model_fields)}",
-            tuple(unknown),
-        )
-    return data
 
 
 def load_settings(config_path: Path | None = None, **cli_overrides: Any) -> Settings:
@@ -440,46 +343,10 @@ def load_settings(config_path: Path | None = None, **cli_overrides: Any) -> Sett
     if unknown:
         raise TypeError(f"load_settings() got unknown setting(s): {', '.join(unknown)}")
     path = resolve_config_path(config_path)
-    file_values = read_config_file(path) if path is not None else {}
+    values = read_config_file(path, Settings.model_fields) if path is not None else {}
     overrides = {k: v for k, v in cli_overrides.items() if v is not None}
-    token = _FILE_VALUES.set(file_values)
-    try:
-        return Settings(**overrides)
-    except ValidationError as e:
-        problems = [_describe(err, overrides, path, file_values) for err in e.errors()]
-        names = tuple(dict.fromkeys(n for err in e.errors() for n in _names_of(err)))
-        raise SettingsError("; ".join(problems), names) from None
-    finally:
-        _FILE_VALUES.reset(token)
-
-
-def _names_of(err: Any) -> list[str]:
-    """The settings a pydantic error is about (a field's, or those a conflict names)."""
-    if err["loc"]:
-        return [str(err["loc"][0])]
-    return [n for n in err.get("ctx", {}).get("settings", "").split(",") if n]
-
-
-def _source(name: str, overrides: dict[str, Any], path: Path | None, file: dict[str, Any]) -> str:
-    """Where a setting's value came from, in the precedence order of ``load_settings``."""
-    if name in overrides:
-        return f"command line {cli_flag(name)}"
-    wanted = env_var(name).lower()  # pydantic-settings matches environment names case-blind
-    if any(k.lower() == wanted and v != "" for k, v in os.environ.items()):
-        return f"environment variable {env_var(name)}"
-    if name in file:
-        return f"config file {path}"
-    return "default"
-
-
-def _describe(err: Any, overrides: dict[str, Any], path: Path | None, file: dict[str, Any]) -> str:
-    """One line about one pydantic error: setting, value, source, reason."""
-    message = str(err["msg"]).removeprefix("Value error, ").replace("\n", " ")
-    names = _names_of(err)
-    if err["loc"]:
-        where = _source(names[0], overrides, path, file)
-        return f"setting {names[0]}={err['input']!r} (from {where}): {message}"
-    if len(names) == 1:
-        return f"setting {names[0]} (from {_source(names[0], overrides, path, file)}): {message}"
-    origins = ", ".join(f"{n} from {_source(n, overrides, path, file)}" for n in names)
-    return f"settings {' / '.join(names)} ({origins}): {message}"
+    with file_values(values):
+        try:
+            return Settings(**overrides)
+        except ValidationError as e:
+            raise settings_error(e, overrides, path, values) from None
