@@ -20,8 +20,9 @@ text; tool-call markers that are special tokens (GLM-4.5's ``<tool_call>``) are 
 those tokens, never spelled out.
 
 The markup of tool calls belongs to each format class (``server/text/formats``): the compiler
-hands it a `GrammarWriter`, whose helpers write literals, markers, JSON-schema sub-rules and
-raw text, and compiles the Lark text the format returns. It does not know any format's
+hands it a `GrammarWriter` (``server/text/formats/grammar_writer.py``), whose helpers write
+literals, markers, JSON-schema sub-rules and raw text, and compiles the Lark text the format
+returns. It does not know any format's
 syntax, parse output back into tool calls (the formats do), choose which request gets which
 constraint (the API), fast-forward forced tokens, backtrack, or handle speculative drafts.
 """
@@ -41,12 +42,11 @@ from typing import Any, Protocol
 import llguidance
 import mlx.core as mx
 
+from server.text.formats.grammar_writer import JSON_LAYOUT, GrammarWriter
 from server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# JSON layout options for llguidance's schema compiler (see the module docstring).
-_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _MAX_MESSAGE = 600  # characters of an llguidance error kept in a user-facing message
 
 
@@ -131,7 +131,7 @@ class GrammarCompiler:
             raise GrammarError(f"the JSON schema must be an object, got {type(schema).__name__}")
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, overrides={**_JSON_LAYOUT, "lenient": not strict}
+                schema, overrides={**JSON_LAYOUT, "lenient": not strict}
             )
         except (ValueError, TypeError) as e:
             raise GrammarError(f"invalid JSON schema: {_short(str(e))}") from e
@@ -353,9 +353,6 @@ def _fill(matchers: list[Matcher], bitmask: bytearray) -> None:
             m.fail(str(e))
 
 
-# ----- helpers for the tool-call grammars of server/text/formats ------------------------------
-
-
 def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Name -> function object (with ``parameters`` defaulted as OpenAI does)."""
     functions = {}
@@ -370,93 +367,3 @@ def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             raise GrammarError(f"function {fn['name']!r}: parameters must be a JSON schema object")
         functions[fn["name"]] = {**fn, "parameters": params}
     return functions
-
-
-def _lit(text: str) -> str:
-    """A Lark string literal (llguidance reads JSON string escapes)."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _regex_text(text: str) -> str:
-    """``text`` matched literally inside a Lark ``/.../`` regex."""
-    return "".join("\\" + c if c in "\\.+*?()|[]{}^$/" else c for c in text)
-
-
-class GrammarWriter:
-    """The helpers a tool-call format writes its Lark grammar with; collects the rules.
-
-    A markup string that is a special token of the tokenizer is written as that token
-    (``<[id]>``), else as text. JSON parts are inline ``%json`` schemas with this module's
-    layout, lenient unless asked to be strict.
-
-    Args:
-        tokenizer: The served model's tokenizer (for ``mark``).
-    """
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.rules: list[str] = []
-
-    def lark(self, head: list[str]) -> str:
-        """The whole grammar: ``head`` (the start rule first), then the collected rules.
-
-        Args:
-            head: Rule lines that come first, ``start: ...`` among them.
-
-        Returns:
-            The grammar text.
-        """
-        return "\n".join(["%llguidance {}", *head, *self.rules]) + "\n"
-
-    def rule(self, name: str, body: str) -> str:
-        """Add the rule ``name: body`` and return ``name``, to use in other rules."""
-        self.rules.append(f"{name}: {body}")
-        return name
-
-    @staticmethod
-    def literal(text: str) -> str:
-        """A Lark string literal matching ``text`` (llguidance reads JSON string escapes)."""
-        return _lit(text)
-
-    def mark(self, text: str) -> str:
-        """A marker (``<tool_call>``): its special token if the tokenizer has one, else text."""
-        token_id = self.tokenizer.backend.token_to_id(text)
-        if token_id is not None and token_id in self.tokenizer.special_token_ids:
-            return f"<[{token_id}]>"
-        return _lit(text)
-
-    def json(self, rule: str, schema: dict[str, Any], lenient: bool) -> str:
-        """A JSON value that follows ``schema``, written in this module's compact layout.
-
-        Args:
-            rule: A rule name, unique in the grammar.
-            schema: The JSON schema.
-            lenient: Ignore keywords llguidance does not implement instead of refusing them.
-
-        Returns:
-            The rule name.
-        """
-        options = {**schema.get("x-guidance", {}), **_JSON_LAYOUT, "lenient": lenient}
-        return self.rule(rule, f"%json {json.dumps({**schema, 'x-guidance': options})}")
-
-    def raw_until(self, rule: str, close: str, schema: dict[str, Any] | None = None) -> str:
-        """Raw text, then the ``close`` marker (the first one ends the text).
-
-        Args:
-            rule: A rule name, unique in the grammar (unused when ``close`` is a special
-                token, which can never occur inside text).
-            close: The marker that ends the text.
-            schema: A string schema whose ``minLength``/``maxLength`` bound the text; other
-                keywords are not enforced on raw text.
-
-        Returns:
-            A Lark term for the text and its marker.
-        """
-        schema = schema or {}
-        low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
-        text = f"(?s:.{{{low},{'' if high is None else int(high)}}})"
-        closing = self.mark(close)
-        if closing.startswith("<["):  # a special token can never occur inside text
-            return f"/{text}/ {closing}"
-        self.rules.append(f"{rule}[lazy]: /{text}{_regex_text(close)}/")
-        return rule

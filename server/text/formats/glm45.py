@@ -9,17 +9,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Container
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from server.text.formats.grammar_writer import GrammarWriter
 from server.text.formats.tool_base import (
     MalformedCallError,
     ToolFormat,
     skip_ws,
     strict_json,
 )
-
-if TYPE_CHECKING:
-    from server.engine.grammar import GrammarWriter
 
 
 class Glm45Format(ToolFormat):

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Container
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+from server.text.formats.grammar_writer import GrammarWriter
 from server.text.formats.tool_base import MalformedCallError, ToolFormat, decode, skip_ws
-
-if TYPE_CHECKING:
-    from server.engine.grammar import GrammarWriter
 
 
 class _ValueScanner:

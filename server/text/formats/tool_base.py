@@ -3,7 +3,7 @@
 A format is one class (see the package docstring for the registry). At class level it
 declares its name, its markers, how to recognise it in a chat template (`detect`) and the
 grammar of its markup for constrained decoding (`grammar`, built with the helpers of
-`server.engine.grammar.GrammarWriter`). An instance is the streaming parser for one response:
+`GrammarWriter` in `grammar_writer.py`). An instance is the streaming parser for one response:
 text in, `ContentDelta` / `ToolCallStart` / `ToolCallArgs` events out. This module holds the
 machinery every format shares: holding back text that might still become markup, numbering
 calls, turning a malformed call back into content. A subclass writes only its call body
@@ -20,10 +20,9 @@ import logging
 import secrets
 from collections.abc import Container
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:  # the grammar helpers need llguidance, which parsing does not
-    from server.engine.grammar import GrammarWriter
+from server.text.formats.grammar_writer import GrammarWriter
 
 logger = logging.getLogger(__name__)
 
