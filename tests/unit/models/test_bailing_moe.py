@@ -3,87 +3,30 @@
 ``norm_head`` (unit-norm head columns, float32, never applied to a quantized head), the
 router rename ``mlp.gate.weight`` -> ``mlp.gate.gate_proj.weight``, sanitize in both layouts
 and its idempotence, the 8-bit router override, the float32 ``expert_bias``, ``rotary_dim``,
-config validation and incremental decoding.
+config validation. The missing-key and incremental-decoding checks every family shares are in
+``test_model_families.py``.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten
 
-from models.bailing_moe import Model, ModelArgs, SparseMoeBlock
+from models.bailing_moe import SparseMoeBlock
 from models.errors import ConfigError
 from models.quantize import quantize_model
+from tests.unit.models.helpers import BAILING_MOE, assert_same, parameters, unstack_experts
 
-E = 8  # routed experts in the tiny config
 ROUTER = "model.layers.1.mlp.gate.gate_proj"
-
-
-def _config(**over: object) -> dict:
-    cfg = {
-        "model_type": "bailing_moe",
-        "vocab_size": 96,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "moe_intermediate_size": 64,
-        "num_experts": E,
-        "num_experts_per_tok": 2,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "first_k_dense_replace": 1,
-        "num_shared_experts": 1,
-        "score_function": "sigmoid",
-        "moe_router_enable_expert_bias": True,
-        "n_group": 2,
-        "topk_group": 1,
-        "routed_scaling_factor": 2.5,
-        "use_qk_norm": True,
-        "use_qkv_bias": True,
-        "norm_head": True,
-        "partial_rotary_factor": 0.5,
-    }
-    return cfg | over
-
-
-def _model(**over: object) -> Model:
-    mx.random.seed(0)
-    model = Model(ModelArgs.from_dict(_config(**over)))
-    mx.eval(model.parameters())
-    return model
-
-
-def _params(model: Model) -> dict[str, mx.array]:
-    return dict(tree_flatten(model.parameters()))
+_model = BAILING_MOE.model
 
 
 def _to_publisher(params: dict[str, mx.array], router: bool = True) -> dict[str, mx.array]:
     """Per-expert tensors and (float only) the router under its publisher name ``mlp.gate``."""
-    out = {}
-    for name, value in params.items():
-        if router:
-            name = name.replace(".mlp.gate.gate_proj.weight", ".mlp.gate.weight")
-        if ".switch_mlp." not in name:
-            out[name] = value
-            continue
-        for e in range(value.shape[0]):
-            out[name.replace(".switch_mlp.", f".experts.{e}.")] = value[e]
-    return out
-
-
-def _assert_same(got: dict[str, mx.array], want: dict[str, mx.array], atol: float = 0) -> None:
-    assert sorted(got) == sorted(want)
-    for name, value in want.items():
-        assert got[name].dtype == value.dtype, name
-        assert mx.allclose(got[name], value, rtol=0, atol=atol).item(), name
-
-
-def test_from_dict_names_a_missing_key() -> None:
-    cfg = _config()
-    del cfg["moe_intermediate_size"]
-    with pytest.raises(ConfigError, match="moe_intermediate_size"):
-        ModelArgs.from_dict(cfg)
+    out = unstack_experts(params)
+    if not router:
+        return out
+    return {k.replace(".mlp.gate.gate_proj.weight", ".mlp.gate.weight"): v for k, v in out.items()}
 
 
 @pytest.mark.parametrize(
@@ -97,7 +40,7 @@ def test_from_dict_names_a_missing_key() -> None:
 )
 def test_from_dict_rejects_unsupported_or_inconsistent_settings(over: dict) -> None:
     with pytest.raises(ConfigError):
-        ModelArgs.from_dict(_config(**over))
+        BAILING_MOE.args(**over)
 
 
 def test_norm_head_gives_unit_columns_in_float32() -> None:
@@ -114,15 +57,15 @@ def test_norm_head_gives_unit_columns_in_float32() -> None:
 
 def test_sanitize_publisher_layout_and_idempotence() -> None:
     model = _model()
-    ours = _params(model)
+    ours = parameters(model)
     publisher = _to_publisher(ours)
     assert "model.layers.1.mlp.gate.weight" in publisher
     assert "model.layers.1.mlp.experts.7.up_proj.weight" in publisher
     once = model.sanitize(dict(publisher))
     raw_head = publisher["lm_head.weight"]
     norm = mx.linalg.norm(raw_head, axis=0, keepdims=True) + 1e-7
-    _assert_same(once, ours | {"lm_head.weight": raw_head / norm}, atol=1e-6)
-    _assert_same(model.sanitize(dict(once)), once, atol=1e-6)  # normalising twice: a no-op
+    assert_same(once, ours | {"lm_head.weight": raw_head / norm}, atol=1e-6)
+    assert_same(model.sanitize(dict(once)), once, atol=1e-6)  # normalising twice: a no-op
 
 
 def test_quantized_checkpoint_keeps_its_head_and_router_precision() -> None:
@@ -133,19 +76,19 @@ def test_quantized_checkpoint_keeps_its_head_and_router_precision() -> None:
     layer1 = model.layers[1].mlp
     assert (layer1.gate.gate_proj.bits, layer1.switch_mlp.up_proj.bits) == (8, 4)
     assert model.layers[0].mlp.gate_proj.bits == 4  # the dense MLP is not mistaken for a router
-    ours = _params(model)
+    ours = parameters(model)
     # The packed head is passed through bit for bit (normalising it would destroy it).
-    _assert_same(model.sanitize(dict(ours)), ours)
-    _assert_same(model.sanitize(_to_publisher(ours, router=False)), ours)
+    assert_same(model.sanitize(dict(ours)), ours)
+    assert_same(model.sanitize(_to_publisher(ours, router=False)), ours)
 
 
 def test_expert_bias_stays_float32_and_only_exists_when_enabled() -> None:
     model = _model()
     name = "model.layers.1.mlp.gate.expert_bias"
-    assert _params(model)[name].dtype == mx.float32
+    assert parameters(model)[name].dtype == mx.float32
     assert not model.cast_predicate(name)
     assert model.cast_predicate(f"{ROUTER}.weight")
-    plain = _params(_model(moe_router_enable_expert_bias=False))
+    plain = parameters(_model(moe_router_enable_expert_bias=False))
     assert not any(k.endswith("expert_bias") for k in plain)
 
 
@@ -176,17 +119,7 @@ def test_rotary_dim_wins_over_partial_factor(head_dim: int, rotary_dim: int) -> 
 
 def test_tied_embeddings_without_norm_head() -> None:
     model = _model(tie_word_embeddings=True, norm_head=False)
-    weights = _params(model)
+    weights = parameters(model)
     assert "lm_head.weight" not in weights
     head = {"lm_head.weight": weights["model.word_embeddings.weight"]}
-    _assert_same(model.sanitize({**weights, **head}), weights)
-
-
-def test_incremental_decoding_matches_the_full_forward() -> None:
-    model = _model(score_function="softmax", n_group=1, moe_router_enable_expert_bias=False)
-    ids = mx.array([[3, 17, 42, 8, 60, 11, 5]])
-    full = model(ids)
-    cache = model.make_cache()
-    steps = [model(ids[:, :4], cache)] + [model(ids[:, t : t + 1], cache) for t in range(4, 7)]
-    assert mx.allclose(mx.concatenate(steps, axis=1), full, atol=1e-4).item()
-    assert not mx.allclose(model(ids[:, 6:7])[:, 0], full[:, 6], atol=1e-4).item()
+    assert_same(model.sanitize({**weights, **head}), weights)

@@ -4,6 +4,9 @@ The expected values here are derived independently: the MoE reference is a per-t
 written from transformers' description of the publisher tensors (``input_linear`` rows are
 gate then up), and the multiplier test uses the fact that a zero residual multiplier turns
 every layer into the identity.
+
+The missing-key and incremental-decoding checks every family shares are in
+``test_model_families.py``.
 """
 
 from __future__ import annotations
@@ -11,38 +14,16 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
 from models.errors import ConfigError
-from models.granitemoe import Model, ModelArgs
+from models.granitemoe import ModelArgs
 from models.quantize import quantize_model
+from tests.unit.models.helpers import GRANITEMOE, assert_same, parameters
 
-E, F, M, V, K = 4, 64, 64, 48, 2  # experts, expert width, hidden, vocab, top-k
-
-TINY = {
-    "model_type": "granitemoe",
-    "hidden_size": M,
-    "num_hidden_layers": 2,
-    "intermediate_size": F,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": V,
-    "num_local_experts": E,
-    "num_experts_per_tok": K,
-    "embedding_multiplier": 12.0,
-    "attention_multiplier": 0.015,
-    "residual_multiplier": 0.22,
-    "logits_scaling": 8.0,
-    "tie_word_embeddings": True,
-}
-
-
-def _model(**over) -> Model:
-    return Model(ModelArgs.from_dict(TINY | over))
-
-
-def _params(model: Model) -> dict[str, mx.array]:
-    return dict(tree_flatten(model.parameters()))
+TINY = GRANITEMOE.config
+E, K = TINY["num_local_experts"], TINY["num_experts_per_tok"]  # experts, top-k
+F, M, V = TINY["intermediate_size"], TINY["hidden_size"], TINY["vocab_size"]  # widths, vocab
+_model = GRANITEMOE.model
 
 
 def _publisher(params: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -57,26 +38,16 @@ def _publisher(params: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def test_from_dict_names_a_missing_key() -> None:
-    cfg = {k: v for k, v in TINY.items() if k != "num_local_experts"}
-    with pytest.raises(ConfigError, match="num_local_experts"):
-        ModelArgs.from_dict(cfg)
-
-
 def test_from_dict_fills_derived_defaults_and_rejects_other_activations() -> None:
     args = ModelArgs.from_dict({k: v for k, v in TINY.items() if k != "num_key_value_heads"})
     assert args.num_key_value_heads == 4 and args.head_dim == M // 4
     with pytest.raises(ConfigError, match="hidden_act"):
-        ModelArgs.from_dict(TINY | {"hidden_act": "gelu"})
+        GRANITEMOE.args(hidden_act="gelu")
 
 
 def test_both_rope_spellings_agree() -> None:
-    old = ModelArgs.from_dict(
-        TINY | {"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}}
-    )
-    new = ModelArgs.from_dict(
-        TINY | {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}}
-    )
+    old = GRANITEMOE.args(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0})
+    new = GRANITEMOE.args(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5})
     assert old.rope == new.rope
     assert (old.rope.theta, old.rope.rope_type, old.rope.scaling) == (
         5e5,
@@ -87,20 +58,17 @@ def test_both_rope_spellings_agree() -> None:
 
 def test_sanitize_splits_publisher_experts_gate_first() -> None:
     model = _model()
-    params = _params(model)
-    out = model.sanitize(_publisher(params))
-    assert out.keys() == params.keys()
-    for k, v in params.items():
-        assert mx.array_equal(out[k], v), k
+    params = parameters(model)
+    assert_same(model.sanitize(_publisher(params)), params)
 
 
 def test_sanitize_passes_mlx_layout_through_and_is_idempotent() -> None:
     model = _model(tie_word_embeddings=False)
-    params = _params(model)
+    params = parameters(model)
     once = model.sanitize(dict(params))
     twice = model.sanitize(dict(once))
     assert once.keys() == twice.keys() == params.keys()
-    assert all(mx.array_equal(twice[k], params[k]) for k in params)
+    assert_same(twice, params)
 
 
 def test_sanitize_drops_a_duplicate_head_only_when_tied() -> None:
@@ -115,7 +83,7 @@ def _silu(x: np.ndarray) -> np.ndarray:
 
 def test_moe_block_matches_a_per_token_reference() -> None:
     model = _model()
-    pub = _publisher(_params(model))
+    pub = _publisher(parameters(model))
     block = model.layers[0].block_sparse_moe
     x = mx.random.normal((2, 5, M), key=mx.random.key(1))
     got = np.array(block(x.reshape(-1, M)))  # the block sees flattened tokens [T, M]
@@ -166,4 +134,4 @@ def test_quantizing_keeps_router_and_down_proj_at_8_bits() -> None:
 
 def test_cast_predicate_casts_everything() -> None:
     model = _model()
-    assert all(model.cast_predicate(k) for k in _params(model))
+    assert all(model.cast_predicate(k) for k in parameters(model))

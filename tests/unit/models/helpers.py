@@ -1,0 +1,201 @@
+"""What the per-family model tests share: each family's tiny config, building it, comparing.
+
+``Family`` holds one architecture's tiny ``config.json`` (small enough to build in
+milliseconds, with every feature the family's tests look at switched on) and builds its
+``ModelArgs`` and ``Model``; ``FAMILIES`` lists them for the checks every family must pass
+(``test_model_families.py``). ``parameters``, ``assert_same`` and ``unstack_experts`` are what the
+sanitize tests of each family compare checkpoints with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from models import bailing_moe, dbrx, glm4_moe, granitemoe, qwen2_moe
+from models.base import BaseModelArgs, CausalLM
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture's tiny test model.
+
+    Args:
+        module: The model file (``ModelArgs``, ``Model``).
+        config: The tiny ``config.json``.
+        missing_key: A required key, for the check that ``from_dict`` names it.
+        decode_over: Config overrides for the incremental-decoding check.
+        decode_ids: The tokens of that check, ``[B, 7]``, all below the vocabulary size.
+    """
+
+    module: ModuleType
+    config: dict[str, Any]
+    missing_key: str
+    decode_over: dict[str, Any] = field(default_factory=dict)
+    decode_ids: tuple[tuple[int, ...], ...] = ((3, 17, 42, 8, 60, 11, 5),)
+
+    @property
+    def name(self) -> str:
+        """The registry key (``model_type``)."""
+        return self.config["model_type"]
+
+    def args(self, **over: Any) -> BaseModelArgs:
+        """``ModelArgs.from_dict`` of the tiny config with ``over`` merged in (top level)."""
+        return self.module.ModelArgs.from_dict(self.config | over)
+
+    def model(self, **over: Any) -> CausalLM:
+        """The tiny model, seeded so that every build has the same weights, evaluated."""
+        mx.random.seed(0)
+        model = self.module.Model(self.args(**over))
+        mx.eval(model.parameters())
+        return model
+
+
+QWEN2_MOE = Family(
+    qwen2_moe,
+    {
+        "model_type": "qwen2_moe",
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 128,
+        "rms_norm_eps": 1e-6,
+        "some_training_only_key": 0.1,  # unknown keys are ignored
+    },
+    missing_key="shared_expert_intermediate_size",
+    decode_over={"num_hidden_layers": 3, "decoder_sparse_step": 2},
+)
+
+GLM4_MOE = Family(
+    glm4_moe,
+    {
+        "model_type": "glm4_moe",
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,  # wider than hidden_size / heads, as in GLM-4.5
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.5,
+        "use_qk_norm": True,
+        "attention_bias": True,
+        "num_nextn_predict_layers": 1,
+    },
+    missing_key="n_routed_experts",
+    decode_over={"num_hidden_layers": 2, "first_k_dense_replace": 1},
+    decode_ids=((3, 17, 42, 8, 60, 11, 5), (9, 9, 1, 0, 33, 70, 2)),
+)
+
+BAILING_MOE = Family(
+    bailing_moe,
+    {
+        "model_type": "bailing_moe",
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 64,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "first_k_dense_replace": 1,
+        "num_shared_experts": 1,
+        "score_function": "sigmoid",
+        "moe_router_enable_expert_bias": True,
+        "n_group": 2,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.5,
+        "use_qk_norm": True,
+        "use_qkv_bias": True,
+        "norm_head": True,
+        "partial_rotary_factor": 0.5,
+    },
+    missing_key="moe_intermediate_size",
+    decode_over={"score_function": "softmax", "n_group": 1, "moe_router_enable_expert_bias": False},
+)
+
+GRANITEMOE = Family(
+    granitemoe,
+    {
+        "model_type": "granitemoe",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 48,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "embedding_multiplier": 12.0,
+        "attention_multiplier": 0.015,
+        "residual_multiplier": 0.22,
+        "logits_scaling": 8.0,
+        "tie_word_embeddings": True,
+    },
+    missing_key="num_local_experts",
+    decode_ids=((3, 17, 42, 8, 40, 11, 5), (9, 9, 1, 0, 33, 47, 2)),
+)
+
+DBRX = Family(
+    dbrx,
+    {
+        "model_type": "dbrx",
+        "vocab_size": 48,
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "max_seq_len": 128,
+        "attn_config": {"kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 500000.0},
+        "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+    },
+    missing_key="n_heads",
+    decode_ids=((3, 17, 42, 8, 40, 11, 5), (9, 9, 1, 0, 33, 47, 2)),
+)
+
+FAMILIES = (QWEN2_MOE, GLM4_MOE, BAILING_MOE, GRANITEMOE, DBRX)
+
+
+def parameters(model: CausalLM) -> dict[str, mx.array]:
+    """A model's parameters by their checkpoint names."""
+    return dict(tree_flatten(model.parameters()))
+
+
+def assert_same(got: dict[str, mx.array], want: dict[str, mx.array], atol: float = 0.0) -> None:
+    """The same tensor names, dtypes and shapes; equal values (within ``atol`` when given)."""
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype, name
+        assert got[name].shape == value.shape, name
+        if atol == 0.0:
+            assert mx.array_equal(got[name], value).item(), name
+        else:
+            assert mx.allclose(got[name], value, rtol=0, atol=atol).item(), name
+
+
+def unstack_experts(params: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Split every stacked ``switch_mlp`` tensor into the publisher's one-tensor-per-expert."""
+    out = {}
+    for name, value in params.items():
+        if ".switch_mlp." not in name:
+            out[name] = value
+            continue
+        for e in range(value.shape[0]):
+            out[name.replace(".switch_mlp.", f".experts.{e}.")] = value[e]
+    return out
