@@ -31,7 +31,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, CausalLM, DecoderStack, StackNames
+from models.base import BaseModelArgs, CausalLM, DecoderStack, FirstKDenseArgs, StackNames
 from models.layers.attention import Attention, AttentionConfig, AttentionNames, gqa_config
 from models.layers.decoder import LayerNames, PreNormDecoderLayer
 from models.layers.mlp import GatedMLP
@@ -48,7 +48,7 @@ _NORM_HEAD_EPS = 1e-7  # the publisher's epsilon in the column norm
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
+class ModelArgs(FirstKDenseArgs, BaseModelArgs):
     """Bailing-MoE configuration (``config.json``).
 
     Defaults follow mlx-lm: Ling 1's and Ling 2.0's own config classes disagree on several
@@ -125,17 +125,6 @@ class ModelArgs(BaseModelArgs):
                 "max_position_embeddings": self.max_position_embeddings,
             }
         )
-
-    def is_sparse(self, layer: int) -> bool:
-        """Whether decoder layer ``layer`` has the MoE block (else the dense MLP).
-
-        Args:
-            layer: Layer index from 0.
-
-        Returns:
-            True for a MoE layer.
-        """
-        return layer >= self.first_k_dense_replace
 
 
 def _attention_config(args: ModelArgs) -> AttentionConfig:

@@ -1,10 +1,11 @@
 """What every model file shares: the config base, the model protocol, the stack and the head.
 
-``BaseModelArgs.from_dict`` reads a config; ``DecoderStack`` is the inner model of every
-family (embedding, the decoder layers under one mask and one backend forward pass, the final
-norm); ``CausalLM`` is the ``Model`` base: the forward pass of the protocol, the tied or
-separate output head, ``layers``, ``make_cache`` and the loading hooks' defaults. A model file
-keeps what differs: its layers, its checkpoint names and its ``sanitize``.
+``BaseModelArgs.from_dict`` reads a config (``FirstKDenseArgs`` adds DeepSeek-V3's
+dense-then-MoE layer layout); ``DecoderStack`` is the inner model of every family (embedding,
+the decoder layers under one mask and one backend forward pass, the final norm); ``CausalLM``
+is the ``Model`` base: the forward pass of the protocol, the tied or separate output head,
+``layers``, ``make_cache`` and the loading hooks' defaults. A model file keeps what differs:
+its layers, its checkpoint names and its ``sanitize``.
 
 This module knows the contract between ``models/`` and ``server/``; it knows nothing of any
 particular architecture, of HTTP, of sessions or of chat templates.
@@ -80,6 +81,28 @@ class BaseModelArgs:
             return cls(**{k: v for k, v in config.items() if k in params})
         except (TypeError, ValueError) as e:
             raise ConfigError(f"invalid config for {cls.__module__}: {e}") from e
+
+
+class FirstKDenseArgs:
+    """``is_sparse`` for DeepSeek-V3's layer layout, mixed into a family's ``ModelArgs``.
+
+    The first ``first_k_dense_replace`` decoder layers keep a dense MLP; every later layer
+    has the MoE block. The family's ``ModelArgs`` declares the field, with its default and
+    comment (GLM-4-MoE, Bailing-MoE).
+    """
+
+    first_k_dense_replace: int
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` has the MoE block (else the dense MLP).
+
+        Args:
+            layer: Layer index from 0.
+
+        Returns:
+            True for a MoE layer.
+        """
+        return layer >= self.first_k_dense_replace
 
 
 @runtime_checkable

@@ -29,7 +29,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, CausalLM, DecoderStack
+from models.base import BaseModelArgs, CausalLM, DecoderStack, FirstKDenseArgs
 from models.layers.attention import Attention, AttentionConfig, gqa_config
 from models.layers.decoder import PreNormDecoderLayer
 from models.layers.mlp import GatedMLP
@@ -42,7 +42,7 @@ from models.sanitize import drop_prefixes, stack_experts
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
+class ModelArgs(FirstKDenseArgs, BaseModelArgs):
     """GLM-4-MoE configuration (``config.json``); defaults are transformers' ``Glm4MoeConfig``."""
 
     vocab_size: int  # V
@@ -94,17 +94,6 @@ class ModelArgs(BaseModelArgs):
                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds the "
                 f"{self.topk_group * (E // G)} experts left after group pruning"
             )
-
-    def is_sparse(self, layer: int) -> bool:
-        """Whether decoder layer ``layer`` has the MoE block (else the dense MLP).
-
-        Args:
-            layer: Layer index from 0.
-
-        Returns:
-            True for a MoE layer.
-        """
-        return layer >= self.first_k_dense_replace
 
 
 def _attention_config(args: ModelArgs) -> AttentionConfig:
