@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http.asgi import send_json
+from server.http.asgi import HTTPMiddleware, send_json
 from server.http.deps import Runtime
 from server.http.drain import Drain, DrainMiddleware
 from server.http.errors import APIError, install_handlers
@@ -45,7 +45,7 @@ def tenant_id(api_key: str) -> str:
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:16]
 
 
-class APIKeyMiddleware:
+class APIKeyMiddleware(HTTPMiddleware):
     """Requires ``Authorization: Bearer <key>`` (or ``api-key``) on every route but /health.
 
     A pure ASGI middleware rather than a route dependency so that it also covers ``/docs``,
@@ -64,7 +64,7 @@ class APIKeyMiddleware:
     def __init__(
         self, app: ASGIApp, keys: frozenset[str], admin_keys: frozenset[str] = frozenset()
     ) -> None:
-        self.app = app
+        super().__init__(app)
         self.keys = {key.encode("utf-8"): tenant_id(key) for key in keys | admin_keys}
         self.admin_keys = frozenset(key.encode("utf-8") for key in admin_keys)
 
@@ -80,11 +80,8 @@ class APIKeyMiddleware:
                 match = key
         return match
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass authorised (or open) requests through; answer 401 otherwise."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         state = scope.setdefault("state", {})
         state["tenant"], state["admin"] = "", not self.keys
         if not self.keys or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
@@ -103,17 +100,15 @@ class APIKeyMiddleware:
         await send_json(send, 401, err.body(), [(b"www-authenticate", b"Bearer")])
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HTTPMiddleware):
     """Counts finished requests by route template and status."""
 
     def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
-        self.app, self.fastapi_app = app, fastapi_app
+        super().__init__(app)
+        self.fastapi_app = fastapi_app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request and count it once the response status is known."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         status = {"code": 500}
 
         async def capture(message: Message) -> None:

@@ -33,7 +33,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http.asgi import send_json
+from server.http.asgi import HTTPMiddleware, send_json
 from server.http.errors import APIError
 
 logger = logging.getLogger("moeserve")
@@ -161,7 +161,7 @@ def drain_of(app: FastAPI) -> Drain | None:
     return getattr(app.state, "drain", None)
 
 
-class DrainMiddleware:
+class DrainMiddleware(HTTPMiddleware):
     """Counts requests in flight and answers 503 to new ones while the app drains.
 
     Args:
@@ -170,13 +170,11 @@ class DrainMiddleware:
     """
 
     def __init__(self, app: ASGIApp, drain: Drain) -> None:
-        self.app, self.drain = app, drain
+        super().__init__(app)
+        self.drain = drain
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request, counted; or refuse it while draining."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         if self.drain.draining:
             await self._refuse(scope, receive, send)
             return

@@ -21,7 +21,7 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http.asgi import send_json
+from server.http.asgi import HTTPMiddleware, send_json
 from server.http.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HTTPMiddleware):
     """Refuses request bodies over ``max_bytes`` with 413, while they are being read.
 
     Args:
@@ -63,16 +63,14 @@ class BodyLimitMiddleware:
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+        super().__init__(app)
+        self.max_bytes = max_bytes
 
     async def _refuse(self, send: Send) -> None:
         await send_json(send, 413, too_large(self.max_bytes).body())
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request through, counting its body; answer 413 once it is too large."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         declared = _declared_length(scope)
         if declared is not None and declared > self.max_bytes:
             await self._refuse(send)
