@@ -36,7 +36,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -160,7 +160,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    async def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
+    async def submit(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:
         """Admit a request and return the iterator of its events.
 
         Admission errors surface here, before any event, so that an HTTP layer can still
@@ -188,7 +188,7 @@ class Engine:
         await asyncio.wrap_future(admitted)
         return self._events(client)
 
-    async def _events(self, client: RequestOutput) -> AsyncIterator[Event]:
+    async def _events(self, client: RequestOutput) -> AsyncGenerator[Event, None]:
         finished = False
         try:
             while not finished:
@@ -266,7 +266,7 @@ class Engine:
                 if self.scheduler.has_work and not self._stopping:
                     self.step()
             if self.prompt_cache is not None:
-                self._persist_at_shutdown()
+                self._persist_at_shutdown(self.prompt_cache)
         except BaseException as e:  # the engine must never die silently
             logger.exception("engine thread died")
             self.error = e  # set before draining the inbox, so submit() cannot miss both
@@ -294,10 +294,10 @@ class Engine:
             # Published as a plain int: the metrics scrape reads it from another thread.
             self.prompt_cache_bytes = self.prompt_cache.nbytes
 
-    def _persist_at_shutdown(self) -> None:
+    def _persist_at_shutdown(self, cache: PromptCache) -> None:
         """Write the sessions not yet on disk and wait for the writer (a directory is set)."""
         try:
-            self.prompt_cache.shutdown()
+            cache.shutdown()
         except Exception:  # the engine stopped cleanly; only unsaved sessions are lost
             logger.exception("prompt cache: could not persist sessions at shutdown")
 
