@@ -150,3 +150,12 @@ def test_non_streaming_failure_is_500_then_503(failing):
     assert r.status_code == 500
     _assert_envelope(r.json()["error"], "generation_failed")
     _assert_engine_down(client)
+
+
+def test_non_streaming_completions_failure_says_why(failing):
+    client = failing(3)
+    body = {"model": "tiny", "prompt": "Once upon", "max_tokens": 20, "ignore_eos": True}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 500
+    _assert_envelope(r.json()["error"], "generation_failed")  # the engine's message, as chat's
+    _assert_engine_down(client)
