@@ -84,20 +84,30 @@ class APIError(Exception):
         self.status, self.message, self.type = status, message, type
         self.code, self.param, self.headers = code, param, headers
 
+    def envelope(self) -> ErrorResponse:
+        """The error in OpenAI's envelope: the one builder of every error body and SSE event.
+
+        Returns:
+            ``{"error": {"message", "type", "param", "code"}}``, ``param`` null when unset.
+        """
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=detail)
+
     def body(self) -> dict[str, Any]:
-        """The JSON body.
+        """The JSON body, as a dictionary.
 
         Returns:
             ``{"error": {...}}``.
         """
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return self.envelope().model_dump()
+
+    def json(self) -> str:
+        """The JSON body, as compact text (the ``data:`` of an error event in a stream).
+
+        Returns:
+            ``{"error": {...}}``.
+        """
+        return self.envelope().model_dump_json()
 
     def response(self) -> JSONResponse:
         """As a JSON response.
@@ -106,6 +116,30 @@ class APIError(Exception):
             The response.
         """
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def generation_failed(message: str) -> APIError:
+    """500 for a generation that failed after it started (an ``ErrorEvent``).
+
+    Args:
+        message: Why (the engine's message is safe to show).
+
+    Returns:
+        The error.
+    """
+    return APIError(500, message, type="server_error", code="generation_failed")
+
+
+def engine_down(message: str) -> APIError:
+    """503 for a dead engine.
+
+    Args:
+        message: Why.
+
+    Returns:
+        The error.
+    """
+    return APIError(503, message, type="server_error", code="engine_unavailable")
 
 
 def model_not_found(name: str) -> APIError:

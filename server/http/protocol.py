@@ -1,12 +1,12 @@
-"""OpenAI wire types (pydantic v2): what clients send and what they read.
+"""OpenAI request bodies (pydantic v2): what clients send.
 
 Request models validate at the boundary: a bad value becomes a 400 whose ``param`` names the
 field. Types are strict, as OpenAI's are: ``"10"`` is not a number and ``"yes"`` not a boolean.
 Every string, keys included, must be valid Unicode: a JSON escape of a lone UTF-16 surrogate
 decodes to a string that no tokenizer or encoder downstream can take. Fields we do not know
 (``store``, ``metadata``, ``service_tier``, ...) are ignored, as OpenAI-compatible servers do,
-so that every client's extra knobs pass. Response models mirror the shapes the ``openai``
-package parses. Nothing here knows the engine or the model.
+so that every client's extra knobs pass. What the server answers is ``responses.py``'s.
+Nothing here knows the engine or the model.
 """
 
 from __future__ import annotations
@@ -204,6 +204,14 @@ class SamplingFields(_Request):
             raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
         return stop
 
+    def wants_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (``stream_options.include_usage``).
+
+        Returns:
+            The flag.
+        """
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def stop_list(self) -> list[str]:
         """``stop`` as a list.
 
@@ -370,151 +378,3 @@ class DetokenizeRequest(_Request):
 
     model: str | None = None
     tokens: list[int]
-
-
-# ----- responses ------------------------------------------------------------------------------
-
-
-class PromptTokensDetails(BaseModel):
-    """Part of ``usage``."""
-
-    cached_tokens: int = 0
-
-
-class LegacyUsage(BaseModel):
-    """Token accounting of a legacy completion (no reasoning breakdown)."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
-
-
-class CompletionTokensDetails(BaseModel):
-    """Part of ``usage``."""
-
-    reasoning_tokens: int = 0
-
-
-class Usage(BaseModel):
-    """Token accounting of one request."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
-    completion_tokens_details: CompletionTokensDetails | None = None
-
-
-class TopLogprob(BaseModel):
-    """An alternative token."""
-
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprobOut(TopLogprob):
-    """A generated token with its alternatives."""
-
-    top_logprobs: list[TopLogprob] = []
-
-
-class ChoiceLogprobs(BaseModel):
-    """``choices[i].logprobs`` of chat completions."""
-
-    content: list[TokenLogprobOut] | None = None
-
-
-class FunctionCall(BaseModel):
-    """``tool_calls[i].function``: the name and the arguments as a JSON string."""
-
-    name: str
-    arguments: str
-
-
-class ToolCall(BaseModel):
-    """One tool call of an assistant message."""
-
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class AssistantMessage(BaseModel):
-    """``choices[i].message``."""
-
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[ToolCall] | None = None
-
-
-class ChatChoice(BaseModel):
-    """One choice of a chat completion."""
-
-    index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletion(BaseModel):
-    """The non-streaming chat response."""
-
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class CompletionLogprobs(BaseModel):
-    """Legacy completions logprobs."""
-
-    tokens: list[str] = []
-    token_logprobs: list[float | None] = []
-    top_logprobs: list[dict[str, float] | None] = []
-    text_offset: list[int] = []
-
-
-class CompletionChoice(BaseModel):
-    """One choice of a legacy completion."""
-
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class Completion(BaseModel):
-    """The non-streaming legacy completion response."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[CompletionChoice]
-    usage: LegacyUsage
-
-
-class ModelCard(BaseModel):
-    """An entry of ``GET /v1/models``."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "moeserve"
-    root: str
-    context_length: int
-    max_model_len: int
-
-
-class ModelList(BaseModel):
-    """``GET /v1/models``."""
-
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

@@ -1,49 +1,29 @@
 """``POST /v1/chat/completions``: chat template in, OpenAI chat completion (or SSE chunks) out.
 
-Knows the chat response shapes, streaming framing (role on the first content chunk, an empty
-final delta carrying ``finish_reason``, an optional usage chunk, then ``[DONE]``) and errors
-raised mid-stream (an error event, then ``[DONE]``); and which grammar a request's output must
-follow (``response_format``, a required or named ``tool_choice``). Splitting the text into
-content, ``reasoning_content`` and ``tool_calls`` is ``routes/chat_output.py``'s; generation
-details live in ``routes/common.py``.
+Renders the conversation into prompt tokens, refuses what cannot run, and decides which
+grammar the output must follow (``response_format``, a required or named ``tool_choice``)
+and how its text splits (``OutputConfig``). Splitting the text into content,
+``reasoning_content`` and ``tool_calls``, and the chunks and body that carry them, are
+``routes/chat_output.py``'s; the way to the engine is ``routes/common.py``'s, and the way
+back ``routes/generation.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
-from server.engine.events import (
-    DeltaEvent,
-    ErrorEvent,
-    Event,
-    FinishEvent,
-    GenerationRequest,
-    TokenLogprob,
-)
+from server.engine.events import GenerationRequest
+from server.http.context_length import check_prompt_bytes
 from server.http.deps import Runtime, RuntimeDep
 from server.http.errors import APIError, error_responses
-from server.http.protocol import ChatCompletion, ChatCompletionRequest, NamedToolChoice
-from server.http.routes.chat_output import ChoiceAssembler, OutputConfig
-from server.http.routes.common import (
-    STREAM_RESPONSE,
-    TokenTimer,
-    cache_scope,
-    check_choices,
-    check_prompt_bytes,
-    collect,
-    new_id,
-    sampling_params,
-    session_key,
-    sse_response,
-    submit,
-    usage,
-)
+from server.http.protocol import ChatCompletionRequest, NamedToolChoice
+from server.http.responses import ChatCompletion
+from server.http.routes import common, generation
+from server.http.routes.chat_output import ChatChunks, OutputConfig, chat_completion
 from server.text.formats import MARKERS, detect_reasoning, tool_format
 from server.text.tokenizer import TemplateError
 
@@ -195,123 +175,9 @@ async def _compile(job: tuple[Any, ...], param: str) -> Any:
         raise APIError(400, str(e), param=param, code="invalid_schema") from e
 
 
-def logprobs_json(runtime: Runtime, items: list[TokenLogprob]) -> dict[str, Any]:
-    """Chat-format ``logprobs`` for some tokens.
-
-    Args:
-        runtime: The runtime (for the tokens' raw bytes).
-        items: From the engine.
-
-    Returns:
-        ``{"content": [...]}``.
-    """
-    raw = runtime.tokenizer.token_bytes
-    return {
-        "content": [
-            {
-                "token": lp.token,
-                "logprob": lp.logprob,
-                "bytes": list(raw(lp.token_id)),
-                "top_logprobs": [
-                    {"token": t, "logprob": v, "bytes": list(raw(i))} for i, t, v in lp.top
-                ],
-            }
-            for lp in items
-        ]
-    }
-
-
-class _Stream:
-    """Builds the SSE chunks of one streaming chat completion."""
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        req: ChatCompletionRequest,
-        rid: str,
-        prompt_len: int,
-        config: OutputConfig,
-    ):
-        self.runtime, self.req, self.rid, self.prompt_len = runtime, req, rid, prompt_len
-        self.created = int(time.time())
-        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        self.role_sent: set[int] = set()
-        self.choices = {i: ChoiceAssembler(config) for i in range(req.n)}
-
-    def chunk(self, choices: list[dict[str, Any]], usage_: dict | None = None) -> str:
-        body: dict[str, Any] = {
-            "id": self.rid,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.req.model,
-            "system_fingerprint": self.runtime.fingerprint,
-            "choices": choices,
-        }
-        if self.include_usage:
-            body["usage"] = usage_
-        return json.dumps(body)
-
-    def _choice(self, index: int, delta: dict[str, Any], logprobs=None, finish=None) -> str:
-        if index not in self.role_sent:  # the first chunk of a choice says who speaks
-            self.role_sent.add(index)
-            delta = {"role": "assistant", **delta}
-        return self.chunk(
-            [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
-        )
-
-    def delta(self, event: DeltaEvent) -> list[str]:
-        deltas = self.choices[event.index].feed(event.text) if event.text else []
-        lp = logprobs_json(self.runtime, event.logprobs) if event.logprobs else None
-        if not deltas and lp is not None:
-            deltas = [{"content": ""}]  # logprobs of tokens whose text is still held back
-        return [self._choice(event.index, d, lp if i == 0 else None) for i, d in enumerate(deltas)]
-
-    def finish(self, event: FinishEvent) -> list[str]:
-        assembler = self.choices[event.index]
-        out = [self._choice(event.index, d) for d in assembler.finish()]
-        if event.index not in self.role_sent:  # finished without any text: still say who spoke
-            out.append(self._choice(event.index, {"content": ""}))
-        reason = "tool_calls" if assembler.tool_calls else event.finish_reason
-        out.append(self._choice(event.index, {}, finish=reason))
-        return out
-
-    def reasoning_tokens(self) -> int:
-        encode = self.runtime.tokenizer.encode
-        return sum(len(encode("".join(c.reasoning))) for c in self.choices.values() if c.reasoning)
-
-
-async def _sse(
-    runtime: Runtime, events: AsyncIterator[Event], stream: _Stream, request_id: str
-) -> AsyncIterator[str]:
-    timer = TokenTimer(runtime)
-    completion, cached = 0, 0
-    try:
-        async for event in events:
-            if isinstance(event, DeltaEvent):
-                timer.delta(event)
-                for data in stream.delta(event):
-                    yield data
-            elif isinstance(event, FinishEvent):
-                completion += event.completion_tokens
-                cached = event.cached_tokens
-                for data in stream.finish(event):
-                    yield data
-            elif isinstance(event, ErrorEvent):
-                err = APIError(500, event.message, type="server_error", code="generation_failed")
-                yield json.dumps(err.body())
-                yield "[DONE]"  # clients that wait for it stop here too
-                return
-        runtime.metrics.count_tokens(stream.prompt_len, completion, cached)
-        if stream.include_usage:
-            final = usage(stream.prompt_len, completion, cached)
-            final["completion_tokens_details"] = {"reasoning_tokens": stream.reasoning_tokens()}
-            yield stream.chunk([], final)
-        yield "[DONE]"
-    finally:
-        runtime.engine.abort(request_id)  # a no-op when finished; frees the slot on disconnect
-
-
-@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAM_RESPONSE)
+@router.post(
+    "/v1/chat/completions", response_model=ChatCompletion, responses=common.STREAM_RESPONSE
+)
 async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http: Request):
     """Create a chat completion (streamed as server-sent events when ``stream`` is true).
 
@@ -324,9 +190,9 @@ async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http
         A ``ChatCompletion``, or an SSE stream of ``chat.completion.chunk`` objects.
     """
     runtime.check_model(req.model)
-    check_choices(runtime, req.n)
+    common.check_choices(runtime, req.n)
     prompt, prompt_text = await asyncio.to_thread(render_prompt, runtime, req)
-    params = sampling_params(
+    params = common.sampling_params(
         req,
         runtime,
         len(prompt),
@@ -336,75 +202,23 @@ async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http
     )
     constraint = await build_constraint(runtime, req)
     config = output_config(runtime, req, prompt_text, constrained=constraint is not None)
-    rid = new_id("chatcmpl")
+    rid = common.new_id("chatcmpl")
     gen = GenerationRequest(
         rid,
         prompt,
         params,
         n=req.n,
-        session_key=session_key(req, http),
-        cache_scope=cache_scope(req, http),
+        session_key=common.session_key(req, http),
+        cache_scope=common.cache_scope(req, http),
         constraint=constraint,
         keep_special_ids=kept_special_ids(runtime, config),
     )
-    events = await submit(runtime, gen)
+    streams = await common.submit(runtime, [gen])
+    tally = generation.Tally(prompt=len(prompt))
     if req.stream:
-        stream = _Stream(runtime, req, rid, len(prompt), config)
-        return sse_response(runtime, _sse(runtime, events, stream, rid), http)
-    collected = await collect(runtime, events, rid, http)
-    return _response(runtime, req, rid, len(prompt), config, collected)
-
-
-def _response(
-    runtime: Runtime,
-    req: ChatCompletionRequest,
-    rid: str,
-    prompt_len: int,
-    config: OutputConfig,
-    events: list[Event],
-) -> dict[str, Any]:
-    for event in events:
-        if isinstance(event, ErrorEvent):
-            raise APIError(500, event.message, type="server_error", code="generation_failed")
-    texts: dict[int, list[str]] = {i: [] for i in range(req.n)}
-    lps: dict[int, list[TokenLogprob]] = {i: [] for i in range(req.n)}
-    finishes: dict[int, FinishEvent] = {}
-    for event in events:
-        if isinstance(event, DeltaEvent):
-            texts[event.index].append(event.text)
-            lps[event.index].extend(event.logprobs or [])
-        elif isinstance(event, FinishEvent):
-            finishes[event.index] = event
-    if len(finishes) != req.n:
-        raise APIError(499, "client closed the request", code="client_closed_request")
-    completion = sum(f.completion_tokens for f in finishes.values())
-    cached = finishes[0].cached_tokens
-    runtime.metrics.count_tokens(prompt_len, completion, cached)
-    choices, reasoning_tokens = [], 0
-    for i in range(req.n):
-        assembler = ChoiceAssembler(config)
-        assembler.feed("".join(texts[i]))
-        assembler.finish()
-        if assembler.reasoning:
-            reasoning_tokens += len(runtime.tokenizer.encode("".join(assembler.reasoning)))
-        choices.append(
-            {
-                "index": i,
-                "message": assembler.message(),
-                "logprobs": logprobs_json(runtime, lps[i]) if req.logprobs else None,
-                "finish_reason": "tool_calls"
-                if assembler.tool_calls
-                else finishes[i].finish_reason,
-            }
-        )
-    body_usage = usage(prompt_len, completion, cached)
-    body_usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": req.model,
-        "system_fingerprint": runtime.fingerprint,
-        "choices": choices,
-        "usage": body_usage,
-    }
+        writer = ChatChunks(runtime, req, rid, config)
+        chunks = generation.stream_chunks(runtime, streams, [rid], writer, tally)
+        return generation.sse_response(runtime, chunks, http)
+    outputs = await generation.collect_choices(runtime, streams, [rid], http, req.n, tally)
+    body = chat_completion(runtime, req, rid, config, outputs, tally)
+    return Response(body.model_dump_json(), media_type="application/json")

@@ -1,18 +1,44 @@
-"""Turning one choice's generated text into OpenAI's message fields: content, reasoning, tools.
+"""A chat completion's output in OpenAI's shapes: content, reasoning, tool calls, chunks.
 
 Text from the engine passes through the parser of the model's reasoning format (``<think>``
 blocks become ``reasoning_content``) and then, when the request allows tool calls, through
 the parser of the model's tool-call format (markup becomes ``tool_calls``); the formats live
-in ``server/text/formats``. The same assembler serves both
-the streaming path (each delta yields OpenAI ``delta`` dictionaries) and the non-streaming path
-(``message()`` at the end). It knows OpenAI's shapes; it does not know the engine or HTTP.
+in ``server/text/formats``. The same assembler serves both the streaming path (each delta
+yields ``Delta`` models, which ``ChatChunks`` frames: the role on a choice's first chunk, an
+empty final delta carrying ``finish_reason``, the usage chunk) and the non-streaming path
+(``message()`` at the end, ``chat_completion`` around it). It knows OpenAI's shapes and the
+engine's events; it does not know HTTP.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.engine.events import DeltaEvent, FinishEvent, TokenLogprob
+from server.http.deps import Runtime
+from server.http.protocol import ChatCompletionRequest
+from server.http.responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChoiceLogprobs,
+    CompletionTokensDetails,
+    Delta,
+    Envelope,
+    FunctionCall,
+    FunctionDelta,
+    TokenLogprobOut,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+)
+from server.http.routes.generation import ChoiceOutput, Tally
 from server.text.formats import (
     ContentDelta,
     ReasoningFormat,
@@ -51,22 +77,22 @@ class ChoiceAssembler:
         if self.config.tool_format is not None:
             self._tools = tool_format(self.config.tool_format)(self.config.tools)
 
-    def feed(self, text: str) -> list[dict[str, Any]]:
-        """Take newly generated text; return the OpenAI ``delta`` fields it completes.
+    def feed(self, text: str) -> list[Delta]:
+        """Take newly generated text; return the OpenAI deltas it completes.
 
         Args:
             text: Engine text (already cut at stop strings).
 
         Returns:
-            Zero or more delta dictionaries (without ``role``).
+            Zero or more deltas (without ``role``).
         """
         return self._route(*self._split(text, final=False))
 
-    def finish(self) -> list[dict[str, Any]]:
+    def finish(self) -> list[Delta]:
         """Flush held-back text at the end of the choice.
 
         Returns:
-            The last delta dictionaries.
+            The last deltas.
         """
         return self._route(*self._split("", final=True), final=True)
 
@@ -79,15 +105,15 @@ class ChoiceAssembler:
             return reasoning + more_r, content + more_c
         return self._reasoning.feed(text)
 
-    def _route(self, reasoning: str, content: str, final: bool = False) -> list[dict[str, Any]]:
-        deltas: list[dict[str, Any]] = []
+    def _route(self, reasoning: str, content: str, final: bool = False) -> list[Delta]:
+        deltas: list[Delta] = []
         if reasoning:
             self.reasoning.append(reasoning)
-            deltas.append({"reasoning_content": reasoning})
+            deltas.append(Delta(reasoning_content=reasoning))
         if self._tools is None:
             if content:
                 self.content.append(content)
-                deltas.append({"content": content})
+                deltas.append(Delta(content=content))
             return deltas
         events = self._tools.feed(content) if content else []
         if final:
@@ -96,52 +122,186 @@ class ChoiceAssembler:
             deltas.extend(self._tool_delta(event))
         return deltas
 
-    def _tool_delta(self, event: Any) -> list[dict[str, Any]]:
+    def _tool_delta(self, event: Any) -> list[Delta]:
         if isinstance(event, ContentDelta):
             if not event.text:
                 return []
             self.content.append(event.text)
-            return [{"content": event.text}]
+            return [Delta(content=event.text)]
         if self.config.single_call and event.index > 0:
             return []  # parallel_tool_calls=false: the first call only
         if isinstance(event, ToolCallStart):
             self._started.add(event.index)
-            call = {
-                "index": event.index,
-                "id": event.id,
-                "type": "function",
-                "function": {"name": event.name, "arguments": ""},
-            }
-            return [{"tool_calls": [call]}]
+            function = FunctionDelta(name=event.name, arguments="")
+            call = ToolCallDelta(index=event.index, id=event.id, type="function", function=function)
+            return [Delta(tool_calls=[call])]
         if isinstance(event, ToolCallArgs) and event.text:
-            return [{"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}]
+            function = FunctionDelta(arguments=event.text)
+            return [Delta(tool_calls=[ToolCallDelta(index=event.index, function=function)])]
         return []
 
     @property
-    def tool_calls(self) -> list[dict[str, Any]]:
-        """The complete tool calls, OpenAI-shaped (empty when none)."""
+    def tool_calls(self) -> list[ToolCall]:
+        """The complete tool calls (empty when none)."""
         if self._tools is None:
             return []
         calls = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
             for c in self._tools.calls
         ]
         return calls[:1] if self.config.single_call else calls
 
-    def message(self) -> dict[str, Any]:
+    def message(self) -> AssistantMessage:
         """The final assistant message (non-streaming).
 
         Returns:
-            ``{"role", "content", ["reasoning_content"], ["tool_calls"]}``.
+            The message: ``content`` null beside tool calls, else a string (maybe empty).
         """
-        content = "".join(self.content)
-        calls = self.tool_calls
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": content or (None if calls else ""),
-        }
-        if self.reasoning:
-            message["reasoning_content"] = "".join(self.reasoning)
-        if calls:
-            message["tool_calls"] = calls
-        return message
+        content, calls = "".join(self.content), self.tool_calls
+        return AssistantMessage(
+            content=content or (None if calls else ""),
+            reasoning_content="".join(self.reasoning) or None,
+            tool_calls=calls or None,
+        )
+
+
+def choice_logprobs(
+    token_bytes: Callable[[int], bytes], items: list[TokenLogprob]
+) -> ChoiceLogprobs:
+    """Chat-format ``logprobs`` for some tokens.
+
+    Args:
+        token_bytes: The tokenizer's raw bytes of a token id.
+        items: From the engine.
+
+    Returns:
+        ``{"content": [...]}``.
+    """
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=list(token_bytes(lp.token_id)),
+                top_logprobs=[
+                    TopLogprob(token=t, logprob=v, bytes=list(token_bytes(i))) for i, t, v in lp.top
+                ],
+            )
+            for lp in items
+        ]
+    )
+
+
+def _usage(runtime: Runtime, tally: Tally, assemblers: list[ChoiceAssembler]) -> Usage:
+    """``usage``, with the reasoning tokens: the choices' reasoning text, tokenised again."""
+    encode = runtime.tokenizer.encode
+    reasoning = sum(len(encode("".join(a.reasoning))) for a in assemblers if a.reasoning)
+    details = CompletionTokensDetails(reasoning_tokens=reasoning)
+    return Usage.count(
+        tally.prompt, tally.completion, tally.cached, completion_tokens_details=details
+    )
+
+
+class ChatChunks:
+    """Writes the SSE chunks of one streaming chat completion (a ``generation.ChunkWriter``).
+
+    Args:
+        runtime: The runtime (the fingerprint, token bytes for logprobs).
+        req: The request.
+        rid: The response id.
+        config: How the text splits into content, reasoning and tool calls.
+    """
+
+    def __init__(
+        self, runtime: Runtime, req: ChatCompletionRequest, rid: str, config: OutputConfig
+    ) -> None:
+        self.runtime = runtime
+        self.out = Envelope(
+            ChatCompletionChunk, rid, req.model, runtime.fingerprint, req.wants_usage()
+        )
+        self.include_usage = self.out.include_usage
+        self.role_sent: set[int] = set()
+        self.choices = {i: ChoiceAssembler(config) for i in range(req.n)}
+
+    def _choice(
+        self,
+        index: int,
+        delta: Delta,
+        logprobs: ChoiceLogprobs | None = None,
+        finish: str | None = None,
+    ) -> str:
+        if index not in self.role_sent:  # the first chunk of a choice says who speaks
+            self.role_sent.add(index)
+            delta.role = "assistant"
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
+        return self.out.write([choice])
+
+    def delta(self, prompt: int, event: DeltaEvent) -> list[str]:
+        """The chunks of a choice's new text (a chat has one prompt)."""
+        deltas = self.choices[event.index].feed(event.text) if event.text else []
+        lp = None
+        if event.logprobs:
+            lp = choice_logprobs(self.runtime.tokenizer.token_bytes, event.logprobs)
+        if not deltas and lp is not None:
+            deltas = [Delta(content="")]  # logprobs of tokens whose text is still held back
+        return [self._choice(event.index, d, lp if i == 0 else None) for i, d in enumerate(deltas)]
+
+    def finish(self, prompt: int, event: FinishEvent) -> list[str]:
+        """A choice's held-back text, then an empty delta with its ``finish_reason``."""
+        assembler = self.choices[event.index]
+        out = [self._choice(event.index, d) for d in assembler.finish()]
+        if event.index not in self.role_sent:  # finished without any text: still say who spoke
+            out.append(self._choice(event.index, Delta(content="")))
+        reason = "tool_calls" if assembler.tool_calls else event.finish_reason
+        out.append(self._choice(event.index, Delta(), finish=reason))
+        return out
+
+    def usage(self, tally: Tally) -> str:
+        """The usage chunk: no choices."""
+        return self.out.write([], _usage(self.runtime, tally, list(self.choices.values())))
+
+
+def chat_completion(
+    runtime: Runtime,
+    req: ChatCompletionRequest,
+    rid: str,
+    config: OutputConfig,
+    outputs: list[ChoiceOutput],
+    tally: Tally,
+) -> ChatCompletion:
+    """The non-streaming chat response.
+
+    Args:
+        runtime: The runtime.
+        req: The request.
+        rid: The response id.
+        config: How the text splits into content, reasoning and tool calls.
+        outputs: Each choice's output (``generation.collect_choices``).
+        tally: The request's token counts.
+
+    Returns:
+        The response.
+    """
+    choices, assemblers = [], []
+    for i, output in enumerate(outputs):
+        assembler = ChoiceAssembler(config)
+        assembler.feed(output.text)
+        assembler.finish()
+        assemblers.append(assembler)
+        logprobs = None
+        if req.logprobs:
+            logprobs = choice_logprobs(runtime.tokenizer.token_bytes, output.logprobs)
+        reason = "tool_calls" if assembler.tool_calls else output.finish.finish_reason
+        choices.append(
+            ChatChoice(
+                index=i, message=assembler.message(), logprobs=logprobs, finish_reason=reason
+            )
+        )
+    return ChatCompletion(
+        id=rid,
+        created=int(time.time()),
+        model=req.model,
+        system_fingerprint=runtime.fingerprint,
+        choices=choices,
+        usage=_usage(runtime, tally, assemblers),
+    )

@@ -2,65 +2,47 @@
 
 A prompt may be a string, a list of strings, a list of token ids or a list of id lists; each
 prompt runs as its own engine request with ``n`` choices, and choice ``p * n + i`` is prompt
-``p``'s choice ``i``, as OpenAI numbers them. LlamaIndex's ``OpenAILike(is_chat_model=False)``
-lands here.
+``p``'s choice ``i``, as OpenAI numbers them. With ``echo`` a choice's text starts with its
+prompt. LlamaIndex's ``OpenAILike(is_chat_model=False)`` lands here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
-from server.engine.events import (
-    DeltaEvent,
-    ErrorEvent,
-    Event,
-    FinishEvent,
-    GenerationRequest,
-    TokenLogprob,
-)
+from server.engine.events import DeltaEvent, FinishEvent, GenerationRequest, TokenLogprob
+from server.http.context_length import check_prompt_bytes
 from server.http.deps import Runtime, RuntimeDep
 from server.http.errors import APIError, error_responses
-from server.http.protocol import Completion, CompletionRequest
-from server.http.routes.common import (
-    STREAM_RESPONSE,
-    TokenTimer,
-    cache_scope,
-    check_choices,
-    check_prompt_bytes,
-    collect,
-    new_id,
-    sampling_params,
-    session_key,
-    sse_response,
-    submit,
-    usage,
+from server.http.protocol import CompletionRequest
+from server.http.responses import (
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    Envelope,
+    LegacyUsage,
 )
+from server.http.routes import common, generation
 
 router = APIRouter(
     tags=["completions"], responses=error_responses(400, 401, 404, 413, 429, 500, 503)
 )
 
 
-def _legacy_logprobs(events: list[DeltaEvent], offset: int) -> dict[str, Any]:
+def _legacy_logprobs(events: list[DeltaEvent], offset: int) -> CompletionLogprobs:
     """The legacy ``logprobs`` object for some deltas, text offsets starting at ``offset``."""
-    out: dict[str, list] = {
-        "tokens": [],
-        "token_logprobs": [],
-        "top_logprobs": [],
-        "text_offset": [],
-    }
+    out = CompletionLogprobs()
 
     def add(lp: TokenLogprob, at: int) -> None:
-        out["tokens"].append(lp.token)
-        out["token_logprobs"].append(lp.logprob)
-        out["top_logprobs"].append({t: v for _, t, v in lp.top} or None)
-        out["text_offset"].append(at)
+        out.tokens.append(lp.token)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({t: v for _, t, v in lp.top} or None)
+        out.text_offset.append(at)
 
     # A token's own text (U+FFFD for a partial character) need not be what it adds: byte
     # tokens combine into one character, and text held back (a partial character, a possible
@@ -95,19 +77,7 @@ def _prompt_ids(runtime: Runtime, prompts: list[str | list[int]]) -> list[list[i
     return out
 
 
-async def _submit_all(runtime: Runtime, requests: list[GenerationRequest]) -> list[AsyncIterator]:
-    streams = []
-    try:
-        for request in requests:
-            streams.append(await submit(runtime, request))
-    except APIError:
-        for request in requests:
-            runtime.engine.abort(request.request_id)
-        raise
-    return streams
-
-
-@router.post("/v1/completions", response_model=Completion, responses=STREAM_RESPONSE)
+@router.post("/v1/completions", response_model=Completion, responses=common.STREAM_RESPONSE)
 async def completions(req: CompletionRequest, runtime: RuntimeDep, http: Request):
     """Create a text completion (streamed as server-sent events when ``stream`` is true).
 
@@ -120,154 +90,101 @@ async def completions(req: CompletionRequest, runtime: RuntimeDep, http: Request
         A ``Completion``, or an SSE stream of ``text_completion`` chunks.
     """
     runtime.check_model(req.model)
-    check_choices(runtime, req.n, len(req.prompts()))
-    tok = runtime.tokenizer
+    common.check_choices(runtime, req.n, len(req.prompts()))
     # Tokenising (or checking) megabytes of prompt takes seconds: off the event loop.
     prompts = await asyncio.to_thread(_prompt_ids, runtime, req.prompts())
-    top = req.logprobs or 0
-    rid = new_id("cmpl")
+    rid, session = common.new_id("cmpl"), common.session_key(req, http)
     requests = [
         GenerationRequest(
             f"{rid}-{p}",
             ids,
-            sampling_params(
+            common.sampling_params(
                 req,
                 runtime,
                 len(ids),
                 req.max_tokens,
                 logprobs=req.logprobs is not None,
-                top_logprobs=top,
+                top_logprobs=req.logprobs or 0,
                 prompt_param="prompt",
             ),
             n=req.n,
-            session_key=session_key(req, http),
-            cache_scope=cache_scope(req, http),
+            session_key=session,
+            cache_scope=common.cache_scope(req, http),
         )
         for p, ids in enumerate(prompts)
     ]
-    echoes = [tok.decode(ids) if req.echo else "" for ids in prompts]
-    streams = await _submit_all(runtime, requests)
+    echoes = [runtime.tokenizer.decode(ids) if req.echo else "" for ids in prompts]
+    streams = await common.submit(runtime, requests, prompt_param="prompt")
+    request_ids = [r.request_id for r in requests]
+    tally = generation.Tally(prompt=sum(len(ids) for ids in prompts))
     if req.stream:
-        return sse_response(runtime, _sse(runtime, req, rid, streams, prompts, echoes), http)
-    per_prompt = await asyncio.gather(
-        *[collect(runtime, s, r.request_id, http) for s, r in zip(streams, requests)]
-    )
-    return _response(runtime, req, rid, prompts, echoes, per_prompt)
-
-
-def _response(runtime, req, rid, prompts, echoes, per_prompt: list[list[Event]]) -> dict:
-    choices, completion, cached = [], 0, 0
-    for p, events in enumerate(per_prompt):
-        for event in events:
-            if isinstance(event, ErrorEvent):  # say why, as chat and the streams do
-                raise APIError(500, event.message, type="server_error", code="generation_failed")
-        for i in range(req.n):
-            deltas = [e for e in events if isinstance(e, DeltaEvent) and e.index == i]
-            finish = [e for e in events if isinstance(e, FinishEvent) and e.index == i]
-            if not finish:
-                raise APIError(499, "client closed the request", code="client_closed_request")
-            completion += finish[0].completion_tokens
-            cached += finish[0].cached_tokens if i == 0 else 0
-            choices.append(
-                {
-                    "index": p * req.n + i,
-                    "text": echoes[p] + "".join(d.text for d in deltas),
-                    "logprobs": _legacy_logprobs(deltas, len(echoes[p]))
-                    if req.logprobs is not None
-                    else None,
-                    "finish_reason": finish[0].finish_reason,
-                }
+        writer = CompletionChunks(runtime, req, rid, echoes)
+        chunks = generation.stream_chunks(runtime, streams, request_ids, writer, tally)
+        return generation.sse_response(runtime, chunks, http)
+    outputs = await generation.collect_choices(runtime, streams, request_ids, http, req.n, tally)
+    choices = []
+    for index, output in enumerate(outputs):
+        echo = echoes[index // req.n]
+        logprobs = None if req.logprobs is None else _legacy_logprobs(output.deltas, len(echo))
+        reason = output.finish.finish_reason
+        choices.append(
+            CompletionChoice(
+                index=index, text=echo + output.text, logprobs=logprobs, finish_reason=reason
             )
-    prompt_tokens = sum(len(p) for p in prompts)
-    runtime.metrics.count_tokens(prompt_tokens, completion, cached)
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": req.model,
-        "system_fingerprint": runtime.fingerprint,
-        "choices": choices,
-        "usage": usage(prompt_tokens, completion, cached),
-    }
+        )
+    body = Completion(
+        id=rid,
+        created=int(time.time()),
+        model=req.model,
+        system_fingerprint=runtime.fingerprint,
+        choices=choices,
+        usage=LegacyUsage.count(tally.prompt, tally.completion, tally.cached),
+    )
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
-async def _sse(runtime, req, rid, streams, prompts, echoes) -> AsyncIterator[str]:
-    created, timer = int(time.time()), TokenTimer(runtime)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    queue: asyncio.Queue = asyncio.Queue()
+class CompletionChunks:
+    """Writes the SSE chunks of one streaming completion (a ``generation.ChunkWriter``).
 
-    async def pump(p: int, stream: AsyncIterator[Event]) -> None:
-        async for event in stream:
-            await queue.put((p, event))
-        await queue.put((p, None))
+    A choice's first chunk, whichever it is, starts with its echoed prompt.
 
-    def chunk(choices: list[dict], usage_: dict | None = None) -> str:
-        body = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": req.model,
-            "system_fingerprint": runtime.fingerprint,
-            "choices": choices,
-        }
-        if include_usage:
-            body["usage"] = usage_
-        return json.dumps(body)
+    Args:
+        runtime: The runtime (the fingerprint).
+        req: The request.
+        rid: The response id.
+        echoes: Each prompt's echo ("" without ``echo``).
+    """
 
-    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
-    open_streams, completion, cached = len(streams), 0, 0
-    echoed: set[int] = set()
-    try:
-        while open_streams:
-            p, event = await queue.get()
-            if event is None:
-                open_streams -= 1
-                continue
-            if isinstance(event, ErrorEvent):
-                yield json.dumps(
-                    APIError(
-                        500, event.message, type="server_error", code="generation_failed"
-                    ).body()
-                )
-                yield "[DONE]"
-                return
-            index = p * req.n + event.index
-            prefix = echoes[p] if index not in echoed else ""
-            echoed.add(index)
-            if isinstance(event, DeltaEvent):
-                timer.delta(event)
-                lp = _legacy_logprobs([event], 0) if req.logprobs is not None else None
-                if event.text or prefix or lp:
-                    yield chunk(
-                        [
-                            {
-                                "index": index,
-                                "text": prefix + event.text,
-                                "logprobs": lp,
-                                "finish_reason": None,
-                            }
-                        ]
-                    )
-            elif isinstance(event, FinishEvent):
-                completion += event.completion_tokens
-                cached += event.cached_tokens if event.index == 0 else 0
-                yield chunk(
-                    [
-                        {
-                            "index": index,
-                            "text": prefix,
-                            "logprobs": None,
-                            "finish_reason": event.finish_reason,
-                        }
-                    ]
-                )
-        prompt_tokens = sum(len(p) for p in prompts)
-        runtime.metrics.count_tokens(prompt_tokens, completion, cached)
-        if include_usage:
-            yield chunk([], usage(prompt_tokens, completion, cached))
-        yield "[DONE]"
-    finally:
-        for task in tasks:
-            task.cancel()
-        for p in range(len(streams)):
-            runtime.engine.abort(f"{rid}-{p}")
+    def __init__(
+        self, runtime: Runtime, req: CompletionRequest, rid: str, echoes: list[str]
+    ) -> None:
+        self.n, self.echoes, self.logprobs = req.n, echoes, req.logprobs is not None
+        self.out = Envelope(CompletionChunk, rid, req.model, runtime.fingerprint, req.wants_usage())
+        self.include_usage = self.out.include_usage
+        self.echoed: set[int] = set()
+
+    def _prefix(self, index: int, prompt: int) -> str:
+        prefix = self.echoes[prompt] if index not in self.echoed else ""
+        self.echoed.add(index)
+        return prefix
+
+    def delta(self, prompt: int, event: DeltaEvent) -> list[str]:
+        """A chunk of the choice's new text, unless there is nothing to say."""
+        index = prompt * self.n + event.index
+        prefix = self._prefix(index, prompt)
+        lp = _legacy_logprobs([event], 0) if self.logprobs else None
+        if not event.text and not prefix and lp is None:
+            return []
+        choice = CompletionChoice(index=index, text=prefix + event.text, logprobs=lp)
+        return [self.out.write([choice])]
+
+    def finish(self, prompt: int, event: FinishEvent) -> list[str]:
+        """The chunk with the choice's ``finish_reason``."""
+        index = prompt * self.n + event.index
+        text = self._prefix(index, prompt)
+        choice = CompletionChoice(index=index, text=text, finish_reason=event.finish_reason)
+        return [self.out.write([choice])]
+
+    def usage(self, tally: generation.Tally) -> str:
+        """The usage chunk: no choices."""
+        return self.out.write([], LegacyUsage.count(tally.prompt, tally.completion, tally.cached))

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from server.http.deps import Runtime, RuntimeDep
 from server.http.errors import error_responses, model_not_found
-from server.http.protocol import ModelCard, ModelList
+from server.http.responses import ModelCard, ModelList
 
 router = APIRouter(tags=["models"], responses=error_responses(401, 404, 503))
 

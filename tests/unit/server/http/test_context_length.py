@@ -1,9 +1,11 @@
-"""The byte bound that refuses a hopeless prompt before tokenising it (``api/common.py``).
+"""The context-length check (``server/http/context_length.py``).
 
-It must be sound: whatever it refuses really is more than ``max_model_len`` tokens, for
-byte-level BPE, SentencePiece-style and multi-byte tokenizers and for normalizers that shrink
-text; where a tokenizer allows no such bound (a normalizer that can delete text) it refuses
-nothing.
+The token check refuses exactly what does not fit, in OpenAI's wording for either endpoint,
+and the engine's own refusal reads the same. The byte bound that refuses a hopeless prompt
+before tokenising it must be sound: whatever it refuses really is more than ``max_model_len``
+tokens, for byte-level BPE, SentencePiece-style and multi-byte tokenizers and for normalizers
+that shrink text; where a tokenizer allows no such bound (a normalizer that can delete text)
+it refuses nothing.
 """
 
 from __future__ import annotations
@@ -14,8 +16,14 @@ from types import SimpleNamespace
 import pytest
 from tokenizers import normalizers
 
+from server.engine.scheduler import ContextLengthError
+from server.http.context_length import (
+    check_prompt_bytes,
+    completion_limit,
+    from_engine,
+    prompt_byte_limit,
+)
 from server.http.errors import APIError
-from server.http.routes.common import check_prompt_bytes, prompt_byte_limit
 from server.text.tokenizer import Tokenizer
 
 PIECES = ["hello", " world", "你好", "🙂", "é", "\n", "  ", "token", "<think>", "x" * 7]
@@ -78,3 +86,38 @@ def test_a_normalizer_that_deletes_text_disables_the_bound(bpe_dir, normalizer) 
     runtime = _runtime(tokenizer, 1)
     assert prompt_byte_limit(runtime) is None
     assert not _refused(runtime, " " * 100_000)
+
+
+def _token_runtime(max_model_len: int, default_max_tokens: int) -> SimpleNamespace:
+    settings = SimpleNamespace(default_max_tokens=default_max_tokens)
+    return SimpleNamespace(max_model_len=max_model_len, settings=settings)
+
+
+def test_a_requested_limit_is_kept_when_it_fits_and_refused_when_not() -> None:
+    runtime = _token_runtime(max_model_len=100, default_max_tokens=16)
+    assert completion_limit(runtime, 90, 10) == 10  # exactly the room left
+    with pytest.raises(APIError) as refused:
+        completion_limit(runtime, 90, 11, param="prompt")
+    e = refused.value
+    assert (e.status, e.code, e.param) == (400, "context_length_exceeded", "prompt")
+    assert "you requested 101 tokens (90 in your prompt, 11 in the completion)" in e.message
+    assert "reduce the length of your prompt or completion" in e.message
+
+
+def test_without_a_limit_the_default_is_cut_to_the_room_left() -> None:
+    runtime = _token_runtime(max_model_len=100, default_max_tokens=16)
+    assert completion_limit(runtime, 10, None) == 16
+    assert completion_limit(runtime, 95, None) == 5
+    with pytest.raises(APIError) as refused:
+        completion_limit(runtime, 100, None)  # no room for even one token
+    assert refused.value.param == "messages"
+    assert "(100 in the messages, 1 in the completion)" in refused.value.message
+
+
+def test_the_engines_refusal_reads_as_the_routes_own() -> None:
+    runtime = _token_runtime(max_model_len=100, default_max_tokens=16)
+    for param in ("messages", "prompt"):
+        with pytest.raises(APIError) as ours:
+            completion_limit(runtime, 90, 20, param=param)
+        engines = from_engine(ContextLengthError(90, 20, 100), param)
+        assert engines.body() == ours.value.body()
