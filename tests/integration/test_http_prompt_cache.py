@@ -103,6 +103,33 @@ def test_sessions_sharing_a_system_prompt_stay_isolated(server, tiny_model) -> N
         assert {"iso-a", "iso-b"} <= listed
 
 
+def test_each_prompt_of_a_completion_keeps_its_own_entry(server) -> None:
+    # Two token-id prompts with nothing in common, each prefilled once per request.
+    a, b = list(range(20, 40)), list(range(60, 75))
+    body = {"model": "tiny", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+
+        def cached(prompts: list[list[int]], key: str) -> int:
+            payload = {**body, "prompt": prompts, "prompt_cache_key": key}
+            r = http.post("/v1/completions", json=payload)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        # What each prompt reuses of its own previous run, alone in its session.
+        alone = []
+        for prompt, key in ((a, "solo-a"), (b, "solo-b")):
+            assert cached([prompt], key) == 0
+            alone.append(cached([prompt], key))
+        assert alone[0] > 0 and alone[1] > 0
+        # Together in one session, each reuses its own entry: neither overwrote the other.
+        assert cached([a, b], "pair") == 0
+        assert cached([a, b], "pair") == alone[0] + alone[1]
+        # Prompt 0's entry is the session's own, found by a single-prompt request.
+        assert cached([a], "pair") == alone[0]
+        listed = {s["key"] for s in http.get("/v1/sessions").json()["data"]}
+    assert {"pair", "pair#1"} <= listed
+
+
 def test_outputs_with_and_without_the_cache_are_identical(server, start_server) -> None:
     cold = start_server("--no-prompt-cache", "--model-alias", "tiny", "--max-model-len", "512")
     messages = [{"role": "system", "content": "Sample freely."}]

@@ -173,6 +173,24 @@ def cache_scope(req: SamplingFields, http: Request) -> str:
     return scope_of(getattr(http.state, "tenant", ""), req.cache_salt)
 
 
+def prompt_session(key: str | None, prompt: int) -> str | None:
+    """The prompt-cache session of a request's ``prompt``-th prompt.
+
+    Prompt 0 keeps the session's own entry, so a chat or a single-prompt completion reads and
+    writes the entry its next turn finds. Each further prompt of a multi-prompt completion has
+    an entry of its own, ``key#p`` (listed and deleted under that name in ``/v1/sessions``),
+    where it would otherwise overwrite prompt 0's.
+
+    Args:
+        key: The request's session key (``session_key``), or None.
+        prompt: The prompt's number.
+
+    Returns:
+        The key of the prompt's entry, or None.
+    """
+    return f"{key}#{prompt}" if key is not None and prompt > 0 else key
+
+
 async def submit(
     runtime: Runtime, requests: list[GenerationRequest], prompt_param: str = "messages"
 ) -> list[AsyncIterator[Event]]:

@@ -2,8 +2,9 @@
 
 A prompt may be a string, a list of strings, a list of token ids or a list of id lists; each
 prompt runs as its own engine request with ``n`` choices, and choice ``p * n + i`` is prompt
-``p``'s choice ``i``, as OpenAI numbers them. With ``echo`` a choice's text starts with its
-prompt. LlamaIndex's ``OpenAILike(is_chat_model=False)`` lands here.
+``p``'s choice ``i``, as OpenAI numbers them. Each prompt also has its own prompt-cache entry
+in the request's session (``common.prompt_session``). With ``echo`` a choice's text starts
+with its prompt. LlamaIndex's ``OpenAILike(is_chat_model=False)`` lands here.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ async def completions(req: CompletionRequest, runtime: RuntimeDep, http: Request
                 prompt_param="prompt",
             ),
             n=req.n,
-            session_key=session,
+            session_key=common.prompt_session(session, p),
             cache_scope=common.cache_scope(req, http),
         )
         for p, ids in enumerate(prompts)
