@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.prompt_cache_disk import Tensor, Writer, read_metadata, remove_stale_temps
-from server.engine.session_keys import digest, tenant_of
+from server.engine.session_keys import belongs_to, digest, tenant_of
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,10 @@ class PromptCache:
         self.enforce_budget()
 
     def drop(self, session: str, tenant: str | None = None) -> int:
-        """Forget one session key (memory and disk), in every scope of a tenant.
+        """Forget one session (memory and disk), in every scope of a tenant.
+
+        The entries of its further prompts (``key#p``, ``session_keys.prompt_entry_key``) go
+        with it.
 
         Args:
             session: The key.
@@ -272,7 +275,7 @@ class PromptCache:
         Returns:
             How many entries were dropped (0: none existed).
         """
-        return self._forget(lambda e: not e.anonymous and e.key == session, tenant)
+        return self._forget(lambda e: not e.anonymous and belongs_to(e.key, session), tenant)
 
     def clear(self, tenant: str | None = None) -> int:
         """Forget every entry of a tenant (sessions and anonymous pool, memory and disk).

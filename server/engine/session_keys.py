@@ -64,6 +64,40 @@ def scope_of(tenant: str, salt: str | None = None) -> str:
     return f"{tenant}:{digest(salt)[:32]}" if salt else tenant
 
 
+def prompt_entry_key(session: str, prompt: int) -> str:
+    """The entry of a request's ``prompt``-th prompt within a session.
+
+    Prompt 0 keeps the session's own entry, so a chat or a single-prompt completion reads and
+    writes the entry its next turn finds. Each further prompt of a multi-prompt completion has
+    an entry of its own, ``key#p``, where it would otherwise overwrite prompt 0's; it is
+    listed under that name and deleted with its session (``belongs_to``).
+
+    Args:
+        session: The session key.
+        prompt: The prompt's number.
+
+    Returns:
+        The entry's key.
+    """
+    return f"{session}#{prompt}" if prompt > 0 else session
+
+
+def belongs_to(entry_key: str, session: str) -> bool:
+    """Whether an entry is the session's own or one of its further prompts' (``key#p``).
+
+    Args:
+        entry_key: An entry's key.
+        session: A session key.
+
+    Returns:
+        True for ``session`` itself and ``session#1``, ``session#2``, ...
+    """
+    if entry_key == session:
+        return True
+    head, sep, number = entry_key.rpartition("#")
+    return bool(sep) and head == session and number.isascii() and number.isdigit()
+
+
 def tenant_of(scope: str) -> str:
     """The tenant part of a scope.
 

@@ -71,7 +71,7 @@ class Runtime:
     fingerprint: str = "fp_moeserve"
     tool_format: str = "qwen"  # the tool-call format of its template (server/text/formats)
     chat_template: str | None = None  # the default template's source, for reasoning detection
-    # Values the routes work out once per runtime (``routes/common.py``: prompt_byte_limit).
+    # Values the routes work out once per runtime (``context_length.py``: prompt_byte_limit).
     extra: dict[str, int | None] = field(default_factory=dict)
     _vocabulary: dict[str, int] | None = field(default=None, init=False, repr=False)
 

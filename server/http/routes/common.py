@@ -19,7 +19,7 @@ from server.engine.engine import EngineDeadError
 from server.engine.events import Event, GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import ContextLengthError, QueueFullError
-from server.engine.session_keys import check_key, scope_of
+from server.engine.session_keys import check_key, prompt_entry_key, scope_of
 from server.http.context_length import completion_limit, from_engine
 from server.http.deps import Runtime
 from server.http.errors import APIError, engine_down
@@ -174,12 +174,7 @@ def cache_scope(req: SamplingFields, http: Request) -> str:
 
 
 def prompt_session(key: str | None, prompt: int) -> str | None:
-    """The prompt-cache session of a request's ``prompt``-th prompt.
-
-    Prompt 0 keeps the session's own entry, so a chat or a single-prompt completion reads and
-    writes the entry its next turn finds. Each further prompt of a multi-prompt completion has
-    an entry of its own, ``key#p`` (listed and deleted under that name in ``/v1/sessions``),
-    where it would otherwise overwrite prompt 0's.
+    """The prompt-cache session of a request's ``prompt``-th prompt (``session_keys``).
 
     Args:
         key: The request's session key (``session_key``), or None.
@@ -188,7 +183,7 @@ def prompt_session(key: str | None, prompt: int) -> str | None:
     Returns:
         The key of the prompt's entry, or None.
     """
-    return f"{key}#{prompt}" if key is not None and prompt > 0 else key
+    return None if key is None else prompt_entry_key(key, prompt)
 
 
 async def submit(

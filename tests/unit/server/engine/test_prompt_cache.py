@@ -12,7 +12,7 @@ import pytest
 from server.engine import kv_io
 from server.engine.prompt_cache import PromptCache, PromptCacheConfig, common_prefix
 from server.engine.prompt_cache_disk import Writer, temp_path
-from server.engine.session_keys import check_key, scope_of
+from server.engine.session_keys import belongs_to, check_key, prompt_entry_key, scope_of
 
 
 class Clock:
@@ -191,6 +191,15 @@ def test_sessions_listing_drop_and_clear() -> None:
     assert cache.drop("a") and not cache.drop("a")
     cache.store("", "b", [1], *_kv([1]))
     assert cache.clear() == 2 and cache.entries == {}
+
+
+def test_a_session_is_dropped_with_its_further_prompts_entries(tmp_path: Path) -> None:
+    cache, _ = _cache(max_bytes=10**6, directory=tmp_path)
+    for key in ("a", prompt_entry_key("a", 1), prompt_entry_key("a", 12), "a#x", "ab", "b"):
+        cache.store("", key, [1, 2], *_kv([1, 2]))
+    assert cache.drop("a") == 3
+    assert _keys(cache) == {"a#x", "ab", "b"}, "only a and a#<number> are its entries"
+    assert belongs_to("a#3", "a") and not belongs_to("a#³", "a") and not belongs_to("a#", "a")
 
 
 def test_tenants_see_and_delete_only_their_own(tmp_path: Path) -> None:
