@@ -5,7 +5,7 @@ template and the vocabulary, its markers, the streaming parser of one response a
 tool calls, the grammar of its markup for ``tool_choice`` required or named. The registry
 below lists them; the order is the detection order (the first format that recognises a
 template wins) and the names are the choices of the ``tool_parser`` setting. Adding a format
-is one new file plus its entry here.
+is one new file (whose ``FORMAT`` names its class) plus its module's name in one line here.
 
 A tool-call format subclasses ``tool_base.ToolFormat`` and a reasoning format
 ``reasoning_base.ReasoningFormat``; each format's module docstring shows its markup.
@@ -16,14 +16,11 @@ engine; the grammar helpers it writes with live in ``server/engine/grammar.py``.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Container
-from typing import Any
+from typing import Any, TypeVar
 
-from server.text.formats.glm45 import Glm45Format
-from server.text.formats.hermes_parameters import HermesParametersFormat
-from server.text.formats.qwen import QwenFormat
 from server.text.formats.reasoning_base import ReasoningFormat
-from server.text.formats.think import ThinkFormat
 from server.text.formats.tool_base import (
     MAX_PARALLEL_CALLS,
     ContentDelta,
@@ -56,16 +53,27 @@ __all__ = [
     "tool_format",
 ]
 
-# Detection order: the first format whose `detect` accepts the template wins.
-TOOL_FORMATS: tuple[type[ToolFormat], ...] = (
-    Glm45Format,
-    HermesParametersFormat,  # before qwen, whose rule ("tojson") also matches its templates
-    QwenFormat,
-)
-REASONING_FORMATS: tuple[type[ReasoningFormat], ...] = (ThinkFormat,)
+_F = TypeVar("_F")
+
+
+def _registered(base: type[_F], *modules: str) -> tuple[type[_F], ...]:
+    """The ``FORMAT`` class of each named module of this package, in the order given."""
+    formats = []
+    for module in modules:
+        fmt = importlib.import_module(f"{__name__}.{module}").FORMAT
+        if not (isinstance(fmt, type) and issubclass(fmt, base)):
+            raise TypeError(f"{__name__}.{module}.FORMAT is not a {base.__name__}")
+        formats.append(fmt)
+    return tuple(formats)
+
+
+# Detection order: the first format whose `detect` accepts the template wins
+# (hermes_parameters before qwen, whose rule, "tojson", also matches its templates).
+TOOL_FORMATS = _registered(ToolFormat, "glm45", "hermes_parameters", "qwen")
+REASONING_FORMATS = _registered(ReasoningFormat, "think")
 
 TOOL_FORMAT_NAMES: tuple[str, ...] = tuple(f.name for f in TOOL_FORMATS)
-DEFAULT_TOOL_FORMAT = QwenFormat.name  # what the ChatML fallback template writes
+DEFAULT_TOOL_FORMAT = "qwen"  # what the ChatML fallback template writes
 # Every format's markup: the parsers must see it even where it is a special token.
 MARKERS: tuple[str, ...] = tuple(
     dict.fromkeys(

@@ -203,3 +203,6 @@ def _resolve(schema: Any, root: dict[str, Any]) -> Any:
     for part in ref[2:].split("/"):
         node = node.get(part) if isinstance(node, dict) else None
     return node if isinstance(node, dict) else schema
+
+
+FORMAT = Glm45Format  # what the registry (formats/__init__.py) lists

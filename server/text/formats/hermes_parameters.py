@@ -35,3 +35,6 @@ class HermesParametersFormat(QwenFormat):
         if "<tool_call>" not in template or "<function=" in template:
             return False
         return bool(_PARAMETERS_KEY.search(template)) and not _ARGUMENTS_KEY.search(template)
+
+
+FORMAT = HermesParametersFormat  # what the registry (formats/__init__.py) lists

@@ -190,3 +190,6 @@ class QwenFormat(ToolFormat):
                 self._early_args = text
             elif not self._streams_args():
                 self._args(text)
+
+
+FORMAT = QwenFormat  # what the registry (formats/__init__.py) lists

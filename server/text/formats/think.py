@@ -16,3 +16,6 @@ class ThinkFormat(ReasoningFormat):
     name = "think"
     START = "<think>"
     END = "</think>"
+
+
+FORMAT = ThinkFormat  # what the registry (formats/__init__.py) lists

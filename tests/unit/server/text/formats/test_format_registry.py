@@ -102,3 +102,12 @@ def test_the_setting_offers_auto_and_every_format() -> None:
 def test_plain_text_is_content(fmt, text: str) -> None:
     result = one_shot_equals_every_chunking(fmt, text)
     assert content_of(result) == text and result[1] == []
+
+
+def test_the_registry_takes_each_module_format_and_checks_its_kind() -> None:
+    from server.text import formats
+
+    assert formats.DEFAULT_TOOL_FORMAT in formats.TOOL_FORMAT_NAMES
+    assert formats._registered(formats.ToolFormat, "qwen") == (formats.tool_format("qwen"),)
+    with pytest.raises(TypeError, match=r"think\.FORMAT is not a ToolFormat"):
+        formats._registered(formats.ToolFormat, "think")
