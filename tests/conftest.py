@@ -1,20 +1,35 @@
 """Test session setup shared by every directory.
 
-Importing ``models`` first lets it choose the BLAS before any test module imports mlx.core.
+``MOESERVE_CACHE_DIR`` points at a temporary directory for the whole session (removed at the
+end), so that the demo model and the compiled BLAS shim never land in the user's
+``~/.cache/moeserve``; server subprocesses inherit it. Importing ``models`` next lets it
+choose the BLAS before any test module imports mlx.core.
 The live-server fixtures (a tiny seeded checkpoint and moeserve subprocesses on loopback
 ports) serve both ``tests/integration`` and ``tests/compat``.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import models  # noqa: F401
-from devtools.demo import CheckpointSpec, build_checkpoint
-from tests.live import LiveServer
+# Set before `import models`: importing it may compile the BLAS shim into the cache directory.
+CACHE_DIR = tempfile.mkdtemp(prefix="moeserve-test-cache-")
+os.environ["MOESERVE_CACHE_DIR"] = CACHE_DIR
+
+import models  # noqa: E402, F401
+from devtools.demo import CheckpointSpec, build_checkpoint  # noqa: E402
+from tests.live import LiveServer  # noqa: E402
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's cache directory."""
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
