@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.http.asgi import HTTPMiddleware, send_json
@@ -120,9 +121,20 @@ class MetricsMiddleware(HTTPMiddleware):
             await self.app(scope, receive, capture)
         finally:
             runtime = getattr(self.fastapi_app.state, "runtime", None)
-            route = getattr(scope.get("route"), "path", "unmatched")
             if runtime is not None:
-                runtime.metrics.count_request(route, status["code"])
+                runtime.metrics.count_request(self.route_of(scope), status["code"])
+
+    def route_of(self, scope: Scope) -> str:
+        """The path template a request was routed to, or ``unmatched``."""
+        route = scope.get("route")
+        if route is not None:
+            return route.path
+        # FastAPI records only its API routes in the scope; its documentation pages (/docs,
+        # /openapi.json, /redoc) are plain Starlette routes, matched again here.
+        for candidate in self.fastapi_app.routes:
+            if candidate.matches(scope)[0] is not Match.NONE:
+                return getattr(candidate, "path", "unmatched")
+        return "unmatched"
 
 
 def create_app(settings: Settings, runtime_factory: RuntimeFactory | None = None) -> FastAPI:

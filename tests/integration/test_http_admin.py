@@ -164,6 +164,17 @@ def test_docs_and_openapi(client):
     assert "post" in paths["/v1/chat/completions"]
 
 
+def test_metrics_name_the_documentation_routes(client):
+    before = _scrape(client)
+    assert client.get("/docs").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/no/such/path").status_code == 404
+    after = _scrape(client)
+    for route, status in (("/docs", 200), ("/openapi.json", 200), ("unmatched", 404)):
+        key = _requests(route, status)
+        assert after.get(key, 0.0) - before.get(key, 0.0) == 1, route
+
+
 def test_tokenize_renders_tools_and_template_kwargs_like_a_chat_request(client):
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     tool = {
