@@ -234,6 +234,19 @@ class PromptCache:
             for last_used, e, persisted in rows
         ]
 
+    def anonymous(self, tenant: str | None = None) -> dict[str, int]:
+        """Sum up the anonymous pools (requests without a session key), which hold no key.
+
+        Args:
+            tenant: Only this tenant's pools; None sums every tenant's.
+
+        Returns:
+            ``{"entries", "tokens", "bytes"}`` of the pools' in-memory entries.
+        """
+        pool = [e for e in self.entries.values() if e.anonymous and self._owned(e, tenant)]
+        tokens, nbytes = sum(len(e.tokens) for e in pool), sum(e.nbytes for e in pool)
+        return {"entries": len(pool), "tokens": tokens, "bytes": nbytes}
+
     # ----- updates ------------------------------------------------------------------------
 
     def store(

@@ -66,6 +66,17 @@ def test_session_key_precedence(client):
         assert entry["tokens"] > 0 and entry["bytes"] > 0 and entry["pinned"] is False
 
 
+def test_listing_sums_up_the_anonymous_pool(client):
+    empty = client.get("/v1/sessions").json()
+    assert empty["anonymous"] == {"entries": 0, "tokens": 0, "bytes": 0}
+    first = _chat(client, [{"role": "user", "content": "No key at all."}])
+    listing = client.get("/v1/sessions").json()
+    assert listing["data"] == []  # no key to list it under
+    pool = listing["anonymous"]
+    assert pool["entries"] == 1 and pool["tokens"] >= first["usage"]["prompt_tokens"]
+    assert pool["bytes"] == listing["bytes"] > 0
+
+
 def test_next_turn_reuses_the_session(client):
     system = {"role": "system", "content": "You answer questions about woodchucks. " * 8}
     turn1 = [system, {"role": "user", "content": "How much wood?"}]

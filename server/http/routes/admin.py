@@ -150,15 +150,17 @@ async def list_sessions(runtime: RuntimeDep, http: Request) -> dict:
         http: The HTTP request (its state names the caller's tenant).
 
     Returns:
-        ``{"object": "list", "data": [...], "bytes": total}``: key, scope, tokens, bytes,
-        last use, pinned, persisted; ``bytes`` is the caller's share of the prompt cache's
-        memory (the whole of it for an admin key).
+        ``{"object": "list", "data": [...], "anonymous": {...}, "bytes": total}``: per
+        session its key, scope, tokens, bytes, last use, pinned, persisted; ``anonymous``
+        sums up the entries of requests without a session key (``entries``, ``tokens``,
+        ``bytes``), which have no key to list; ``bytes`` is the caller's share of the prompt
+        cache's memory (the whole of it for an admin key), sessions and anonymous entries.
     """
     cache, tenant = _prompt_cache(runtime), _tenant(http)
-    data, total = await runtime.engine.call(
-        lambda: (cache.sessions(tenant), cache.nbytes_of(tenant))
+    data, anonymous, total = await runtime.engine.call(
+        lambda: (cache.sessions(tenant), cache.anonymous(tenant), cache.nbytes_of(tenant))
     )
-    return {"object": "list", "data": data, "bytes": total}
+    return {"object": "list", "data": data, "anonymous": anonymous, "bytes": total}
 
 
 @router.delete("/v1/sessions/{key:path}")

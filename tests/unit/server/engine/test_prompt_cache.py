@@ -188,6 +188,7 @@ def test_sessions_listing_drop_and_clear() -> None:
     cache.store("", None, [3], *_kv([3]))  # anonymous: reusable, not listed
     listing = cache.sessions()
     assert [s["key"] for s in listing] == ["a"] and listing[0]["tokens"] == 2
+    assert cache.anonymous() == {"entries": 1, "tokens": 1, "bytes": _kv([3])[1]}
     assert cache.drop("a") and not cache.drop("a")
     cache.store("", "b", [1], *_kv([1]))
     assert cache.clear() == 2 and cache.entries == {}
@@ -209,6 +210,8 @@ def test_tenants_see_and_delete_only_their_own(tmp_path: Path) -> None:
         cache.store(scope, None, [3], *_kv([3]))
     assert {s["scope"] for s in cache.sessions("t2")} == {"t2"}
     assert len(cache.sessions("t1")) == 2 and len(cache.sessions()) == 3
+    assert cache.anonymous("t1")["entries"] == 2 and cache.anonymous("t2")["entries"] == 1
+    assert cache.anonymous()["entries"] == 3
     assert cache.drop("same-key", "t2") == 1
     assert {s["scope"] for s in cache.sessions()} == {"t1", scope_of("t1", "salt")}
     assert cache.clear("t1") == 4  # both sessions and both anonymous entries
