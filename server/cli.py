@@ -27,7 +27,7 @@ from server.engine.engine import Engine
 from server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
-from server.settings import Settings, cli_flag, env_var, load_settings
+from server.settings import Settings, cli_flag, env_var, load_settings, unknown_env_vars
 from server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger("moeserve")
@@ -151,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
     settings = load_settings(getattr(args, "config", None), **overrides)
     logging.basicConfig(level=settings.log_level.upper(), format=_LOG_FORMAT)
+    _warn_unknown_env()
     from server.http.app import create_app  # imported late: it pulls in FastAPI and the engine
 
     if settings.model is not None:
@@ -183,6 +184,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if server.started else STARTUP_FAILURE
 
 
+def _warn_unknown_env() -> None:
+    """Log a warning for each ``MOESERVE_*`` variable that nothing reads (a misspelling)."""
+    for warning in unknown_env_vars(Settings.model_fields):
+        logger.warning(warning)
+
+
 def _with_default_command(argv: Sequence[str] | None) -> list[str]:
     """Insert ``serve`` when no subcommand is given: ``moeserve --port 9000`` serves."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -197,6 +204,7 @@ def _with_default_command(argv: Sequence[str] | None) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    _warn_unknown_env()
     # As the server's dtype "auto": float32 on a CPU backend, where it is the fast path.
     dtype = args.dtype or ("float32" if is_cpu() else None)
     loaded = load(args.model or demo_model_dir(), dtype=dtype)

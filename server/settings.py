@@ -40,6 +40,7 @@ from server.settings_sources import (
     read_config_file,
     resolve_config_path,
     settings_error,
+    unknown_env_vars,
 )
 from server.text.formats import TOOL_FORMAT_NAMES
 
@@ -53,6 +54,7 @@ __all__ = [
     "env_var",
     "load_settings",
     "resolve_config_path",
+    "unknown_env_vars",
 ]
 
 # A list read from the environment arrives as one string; the before-validator splits it.

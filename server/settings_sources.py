@@ -11,6 +11,7 @@ themselves: ``server/settings.py`` declares and checks them, and loads them thro
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,13 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 ENV_PREFIX = "MOESERVE_"
 CONFIG_ENV = "MOESERVE_CONFIG"  # names the TOML file; not a setting itself
+# The MOESERVE_* variables that are not settings, and who reads them.
+OTHER_ENV_VARS = (
+    CONFIG_ENV,  # here
+    "MOESERVE_CACHE_DIR",  # the demo model (devtools/demo.py) and the BLAS shim
+    "MOESERVE_BLAS",  # which BLAS to load (models/backend/blas.py)
+    "MOESERVE_BLAS_GEMV",  # the sgemv shim on or off (models/backend/blas.py)
+)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "server.toml"
 
 # List settings take one value per flag occurrence, so their flags read in the singular.
@@ -77,6 +85,28 @@ def env_var(name: str) -> str:
         The variable name, e.g. ``MOESERVE_PORT``.
     """
     return ENV_PREFIX + name.upper()
+
+
+def unknown_env_vars(known: Collection[str]) -> list[str]:
+    """Warnings for ``MOESERVE_*`` variables that nothing reads, such as a misspelled setting.
+
+    Args:
+        known: The setting names.
+
+    Returns:
+        One message per unknown variable, naming the closest known one when there is one.
+    """
+    # Compared without the prefix, which every name shares and would make all look alike.
+    names = [n.upper() for n in known] + [v.removeprefix(ENV_PREFIX) for v in OTHER_ENV_VARS]
+    warnings = []
+    # pydantic-settings matches names case-blind, so MOESERVE_port is not unknown.
+    for var in sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX)):
+        name = var.upper().removeprefix(ENV_PREFIX)
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+            warnings.append(f"ignoring unknown environment variable {var}{hint}")
+    return warnings
 
 
 def conflict(names: tuple[str, ...], message: str) -> PydanticCustomError:

@@ -289,6 +289,19 @@ def test_no_subcommand_serves_defaults(served_calls: dict[str, Any]) -> None:
     assert served_calls["run"]["log_level"] == "debug"
 
 
+def test_serve_warns_about_unknown_moeserve_variables(
+    served_calls: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("MOESERVE_MAX_RUNING", "7")  # misspelled: the default stays
+    with caplog.at_level(logging.WARNING, logger="moeserve"):
+        assert cli.main([]) == 0
+    assert served_calls["settings"].max_running == Settings().max_running
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "ignoring unknown environment variable MOESERVE_MAX_RUNING "
+        "(did you mean MOESERVE_MAX_RUNNING?)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
