@@ -28,6 +28,7 @@ from server.text.formats.glm45 import Glm45Format
 from server.text.formats.qwen import QwenFormat
 from server.text.tokenizer import Tokenizer
 from tests.helpers import validate
+from tests.unit.server.text.formats.helpers import TOOLS, qwen_calls
 
 SCHEMA = {
     "type": "object",
@@ -50,20 +51,6 @@ SCHEMA = {
     "additionalProperties": False,
 }
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 10},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        "unit": {"type": "string", "enum": ["c", "f"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
-    {"type": "function", "function": {"name": "get_time"}},  # no parameters: {}
-]
 SEEDS = range(8)
 
 
@@ -150,16 +137,6 @@ def test_json_object_and_n_choices(engine, demo) -> None:
     assert finishes == ["stop", "stop"] and a != b
     validate(json.loads(a), SCHEMA)
     validate(json.loads(b), SCHEMA)
-
-
-def _qwen_calls(text: str) -> list[dict]:
-    blocks = text.split("\n")
-    calls = []
-    for i in range(0, len(blocks), 3):
-        assert blocks[i : i + 3 : 2] == ["<tool_call>", "</tool_call>"], text
-        calls.append(json.loads(blocks[i + 1]))
-    assert len(blocks) % 3 == 0, text
-    return calls
 
 
 def test_allowed_mask_matches_the_grammar_and_pads_the_vocabulary(demo) -> None:
@@ -272,7 +249,7 @@ def test_grammar_wins_over_min_tokens_and_ignore_eos(engine, demo) -> None:
     ]
     assert _run(engine, pushy) == plain
     assert all(finish == ["stop"] for _, finish in plain)
-    assert min(len(_qwen_calls(text)) for (text,), _ in plain) < 4  # EOS was chosen early
+    assert min(len(qwen_calls(text)) for (text,), _ in plain) < 4  # EOS was chosen early
 
 
 def test_a_failing_matcher_fails_only_its_request(engine, demo, monkeypatch) -> None:

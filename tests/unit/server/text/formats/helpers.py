@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import re
 import uuid
@@ -124,3 +125,14 @@ def generate(
         return await asyncio.gather(*(one(s) for s in seeds))
 
     return asyncio.run(together())
+
+
+def qwen_calls(text: str) -> list[dict]:
+    """The calls of constrained output, read independently of the parser: exact layout."""
+    blocks = text.split("\n")
+    calls = []
+    for i in range(0, len(blocks), 3):
+        assert blocks[i : i + 3 : 2] == ["<tool_call>", "</tool_call>"], text
+        calls.append(json.loads(blocks[i + 1]))
+    assert len(blocks) % 3 == 0, text
+    return calls

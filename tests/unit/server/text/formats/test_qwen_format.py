@@ -17,6 +17,7 @@ from tests.unit.server.text.formats.helpers import (
     content_of,
     generate,
     one_shot_equals_every_chunking,
+    qwen_calls,
     run,
 )
 
@@ -193,17 +194,6 @@ def test_qwen_first_feed_emits_start_before_arguments() -> None:
 
 
 # --- constrained generation ---------------------------------------------------------------------
-
-
-def qwen_calls(text: str) -> list[dict]:
-    """The calls of constrained output, read independently of the parser: exact layout."""
-    blocks = text.split("\n")
-    calls = []
-    for i in range(0, len(blocks), 3):
-        assert blocks[i : i + 3 : 2] == ["<tool_call>", "</tool_call>"], text
-        calls.append(json.loads(blocks[i + 1]))
-    assert len(blocks) % 3 == 0, text
-    return calls
 
 
 @pytest.mark.parametrize("parallel", [False, True])
