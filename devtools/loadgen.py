@@ -423,19 +423,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: The (sub)parser to extend.
     """
-    parser.add_argument("--url", default="http://127.0.0.1:8000/v1", help="OpenAI base URL")
-    parser.add_argument("-c", "--concurrency", type=int, default=16, help="clients in flight")
-    parser.add_argument("-n", "--num-requests", type=int, default=64, help="requests in all")
-    parser.add_argument("--prompt-tokens", type=int, default=200, help="prompt length (tokens)")
-    parser.add_argument("--output-tokens", type=int, default=128, help="tokens per response")
+    parser.add_argument(
+        "--url", default="http://127.0.0.1:8000/v1", help="OpenAI base URL (default: %(default)s)"
+    )
+    parser.add_argument(
+        "-c", "--concurrency", type=int, default=16, help="clients in flight (default: %(default)s)"
+    )
+    parser.add_argument(
+        "-n", "--num-requests", type=int, default=64, help="requests in all (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=200,
+        help="prompt length in tokens (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output-tokens", type=int, default=128, help="tokens per response (default: %(default)s)"
+    )
     parser.add_argument("--model", default=None, help="model name (default: first of /models)")
+    # The default is read from the environment but never shown: it is a secret.
     parser.add_argument(
         "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY"
     )
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per request")
-    parser.add_argument("--seed", type=int, default=0, help="prompt seed")
     parser.add_argument(
-        "--stagger", type=float, default=0.0, help="seconds between the first requests' starts"
+        "--timeout", type=float, default=600, help="seconds per request (default: %(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="prompt seed (default: %(default)s)")
+    parser.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        help="seconds between the first requests' starts (default: %(default)s)",
     )
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON")
 

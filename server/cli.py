@@ -1,4 +1,4 @@
-"""The ``moeserve`` command line: ``serve`` (the default), ``generate`` and ``convert``.
+"""The ``moeserve`` command line: ``serve`` (the default), ``generate``, ``convert``, ``bench``.
 
 Knows argument parsing and how to wire a loaded model, its tokenizer and the engine together
 for a terminal user. ``serve``'s flags are generated from ``server.settings.Settings``, one per
@@ -20,14 +20,20 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from devtools.demo import demo_model_dir
-from models.backend import is_cpu
 from models.errors import ModelError
 from models.loader import load
 from server.engine.engine import Engine
 from server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import SchedulerConfig
-from server.settings import Settings, cli_flag, env_var, load_settings, unknown_env_vars
+from server.settings import (
+    Settings,
+    cli_flag,
+    env_var,
+    load_settings,
+    resolve_dtype,
+    unknown_env_vars,
+)
 from server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger("moeserve")
@@ -43,11 +49,13 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="local model directory or Hugging Face repo id (default: the built-in demo model)",
     )
+    # The same choices, default and meaning as serve's --dtype.
+    dtype = Settings.model_fields["dtype"]
     parser.add_argument(
         "--dtype",
-        choices=["float32", "float16", "bfloat16"],
-        default=None,
-        help="cast floating weights (float32 is the fast path on CPU); default: as stored",
+        choices=list(get_args(dtype.annotation)),
+        default=dtype.default,
+        help=f"{dtype.description} (default: %(default)s)",
     )
 
 
@@ -57,28 +65,41 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser.
     """
-    parser = argparse.ArgumentParser(prog="moeserve", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--log-level", default=None, help="logging level (default: info; serve: its log_level)"
+    parser = argparse.ArgumentParser(
+        prog="moeserve",
+        description="An OpenAI-compatible inference server for Mixture-of-Experts models on "
+        "MLX. With no command, moeserve serves (moeserve --port 9000).",
     )
-    sub = parser.add_subparsers(dest="command")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        help="logging level (default: info; serve: its log_level; bench: warning)",
+    )
+    sub = parser.add_subparsers(dest="command", title="commands")
     _add_serve_parser(sub)
 
     gen = sub.add_parser("generate", help="generate from a prompt without HTTP, print tokens/s")
     _model_arg(gen)
     gen.add_argument("--prompt", required=True, help="user message (chat template applied)")
     gen.add_argument("--raw", action="store_true", help="use the prompt as-is, no chat template")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-tokens", type=int, default=128, help="default: %(default)s")
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)"
+    )
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
 
     conv = sub.add_parser("convert", help="write a checkpoint in the MLX layout")
     conv.add_argument("src", help="source directory or Hugging Face repo id")
     conv.add_argument("dst", help="output directory (must not exist or be empty)")
     conv.add_argument("--quantize", action="store_true", help="quantize (affine)")
-    conv.add_argument("--bits", type=int, default=4)
-    conv.add_argument("--group-size", type=int, default=64)
-    conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    conv.add_argument("--bits", type=int, default=4, help="default: %(default)s")
+    conv.add_argument("--group-size", type=int, default=64, help="default: %(default)s")
+    conv.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="cast floating weights (default: as stored)",
+    )
 
     from devtools import loadgen
 
@@ -86,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="load-test any OpenAI-compatible server (streaming chat, C clients)"
     )
     loadgen.add_arguments(bench)
+    bench.add_argument(
+        "-v", "--verbose", action="store_true", help="log every HTTP request (--log-level info)"
+    )
     return parser
 
 
@@ -205,9 +229,7 @@ def _with_default_command(argv: Sequence[str] | None) -> list[str]:
 
 def _generate(args: argparse.Namespace) -> int:
     _warn_unknown_env()
-    # As the server's dtype "auto": float32 on a CPU backend, where it is the fast path.
-    dtype = args.dtype or ("float32" if is_cpu() else None)
-    loaded = load(args.model or demo_model_dir(), dtype=dtype)
+    loaded = load(args.model or demo_model_dir(), dtype=resolve_dtype(args.dtype))
     tokenizer = Tokenizer.from_dir(loaded.path)
     if args.raw:
         prompt = tokenizer.encode(args.prompt)
@@ -281,7 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(_with_default_command(argv))
     if args.command != "serve":  # serve configures logging once its settings are known
-        logging.basicConfig(level=(args.log_level or "info").upper(), format=_LOG_FORMAT)
+        # httpx logs each of bench's requests at info: too much unless asked for.
+        quiet = args.command == "bench" and not args.verbose
+        level = args.log_level or ("warning" if quiet else "info")
+        logging.basicConfig(level=level.upper(), format=_LOG_FORMAT)
     handlers = {"serve": _serve, "generate": _generate, "convert": _convert, "bench": _bench}
     try:
         code = handlers[args.command](args)

@@ -54,6 +54,7 @@ __all__ = [
     "env_var",
     "load_settings",
     "resolve_config_path",
+    "resolve_dtype",
     "unknown_env_vars",
 ]
 
@@ -61,6 +62,23 @@ __all__ = [
 StrList = Annotated[list[str], NoDecode]
 # "auto" or a registered tool-call format (server/text/formats); the flag's choices too.
 ToolParserChoice = Literal[("auto", *TOOL_FORMAT_NAMES)]  # type: ignore[valid-type]
+
+
+def resolve_dtype(dtype: str) -> str | None:
+    """Resolve a ``dtype`` setting (or ``generate --dtype``) for the current MLX device.
+
+    Args:
+        dtype: ``auto`` or a dtype name.
+
+    Returns:
+        A dtype name, or None to keep the checkpoint's dtype (``auto`` on Metal).
+    """
+    if dtype != "auto":
+        return dtype
+    from models.backend import is_cpu  # lazily: settings load before anything needs MLX
+
+    # MLX's CPU half-precision and quantized kernels are far slower than its float32 path.
+    return "float32" if is_cpu() else None
 
 
 class Settings(BaseSettings):
@@ -281,12 +299,7 @@ class Settings(BaseSettings):
         Returns:
             A dtype name, or None to keep the checkpoint's dtype.
         """
-        if self.dtype != "auto":
-            return self.dtype
-        from models.backend import is_cpu  # lazily: settings load before anything needs MLX
-
-        # MLX's CPU half-precision and quantized kernels are far slower than its float32 path.
-        return "float32" if is_cpu() else None
+        return resolve_dtype(self.dtype)
 
     def scheduler_config(self, model_max_len: int) -> SchedulerConfig:
         """The scheduler's limits.

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
+from models.backend import is_cpu
 from server import cli
-from server.settings import unknown_env_vars
+from server.settings import resolve_dtype, unknown_env_vars
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +43,35 @@ def test_generate_warns_about_unknown_variables_at_startup(
         "ignoring unknown environment variable MOESERVE_PROMT_CACHE "
         "(did you mean MOESERVE_PROMPT_CACHE?)"
     ]
+
+
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--help"])
+    assert info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_texts_are_plain_and_show_their_defaults(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")
+    top = _help(capsys)
+    assert "``" not in top and "Mixture-of-Experts" in top
+    for command in ("serve", "generate", "convert", "bench"):
+        assert command in top
+    bench = _help(capsys, "bench")
+    assert "--url URL OpenAI base URL (default: http://127.0.0.1:8000/v1)" in bench
+    assert "--verbose" in bench
+    serve, generate = _help(capsys, "serve"), _help(capsys, "generate")
+    dtype = "--dtype {auto,float32,float16,bfloat16} weight dtype; auto: float32 on a CPU"
+    assert dtype in serve and dtype in generate
+    assert "default: auto" in generate and "as stored" not in generate
+
+
+def test_generate_dtype_defaults_to_auto_as_serve_does() -> None:
+    args = cli.build_parser().parse_args(["generate", "--prompt", "hi"])
+    assert args.dtype == "auto"
+    # serve's "auto": float32 on a CPU backend, where it is the fast path; Metal keeps the file's.
+    assert resolve_dtype(args.dtype) == ("float32" if is_cpu() else None)
+    assert resolve_dtype("bfloat16") == "bfloat16"
