@@ -121,11 +121,11 @@ class ServerProcess:
                 self.process.wait(10)
 
 
-def moeserve_command(model: Path, port: int, *flags: str) -> list[str]:
+def moeserve_command(model: Path | None, port: int, *flags: str) -> list[str]:
     """The command line of a moeserve server in this interpreter's environment.
 
     Args:
-        model: Model directory.
+        model: Model directory; None serves the demo model (built on first use).
         port: Port.
         *flags: Extra ``serve`` flags.
 
@@ -137,8 +137,7 @@ def moeserve_command(model: Path, port: int, *flags: str) -> list[str]:
         "-m",
         "server.cli",
         "serve",
-        "--model",
-        str(model),
+        *(["--model", str(model)] if model is not None else []),
         "--host",
         "127.0.0.1",
         "--port",

@@ -45,7 +45,7 @@ class LiveServer:
     @classmethod
     def start(
         cls,
-        model_dir: Path,
+        model_dir: Path | None,
         *flags: str,
         log_dir: Path,
         env: dict[str, str] | None = None,
@@ -54,7 +54,8 @@ class LiveServer:
         """Start a server and wait until it is healthy.
 
         Args:
-            model_dir: The model to serve.
+            model_dir: The model to serve; None serves the demo model, built into the
+                server's own cache directory.
             *flags: Extra ``moeserve serve`` flags.
             log_dir: Where the server's output goes.
             env: Extra environment variables.
