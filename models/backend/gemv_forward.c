@@ -11,6 +11,12 @@
  * the one MLX binds to. models/backend/blas.py hands it the BLAS's own sgemm and sgemv through
  * moeserve_blas_bind before MLX is imported. Only row-major calls with one row (M == 1) or
  * one column (N == 1) and K > 0 are rerouted; every other call goes to the BLAS unchanged.
+ * A NULL sgemv turns the rerouting off (MOESERVE_BLAS_GEMV=0): sgemm then only forwards.
+ *
+ * The shim also defines cblas_dgemm and cblas_cgemm, the other CBLAS symbols MLX's libmlx.so
+ * leaves undefined, and forwards them too. That is what lets it stand in front of a BLAS
+ * whose symbols carry a prefix, such as the scipy-openblas32 wheel (scipy_cblas_sgemm, ...),
+ * which cannot be loaded in MLX's place by itself.
  */
 #include <stddef.h>
 
@@ -18,16 +24,25 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
                          const float *, int, float, float *, int);
 typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
+typedef void (*dgemm_fn)(int, int, int, int, int, int, double, const double *, int,
+                         const double *, int, double, double *, int);
+/* Complex scalars and matrices travel as pointers in CBLAS. */
+typedef void (*cgemm_fn)(int, int, int, int, int, int, const void *, const void *, int,
+                         const void *, int, const void *, void *, int);
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
 static sgemm_fn blas_sgemm;
 static sgemv_fn blas_sgemv;
+static dgemm_fn blas_dgemm;
+static cgemm_fn blas_cgemm;
 static long forwarded;
 
-void moeserve_blas_bind(void *sgemm, void *sgemv) {
+void moeserve_blas_bind(void *sgemm, void *sgemv, void *dgemm, void *cgemm) {
   blas_sgemm = (sgemm_fn)sgemm;
   blas_sgemv = (sgemv_fn)sgemv;
+  blas_dgemm = (dgemm_fn)dgemm;
+  blas_cgemm = (cgemm_fn)cgemm;
 }
 
 /* How many calls went to sgemv (tests read it to know the forwarding is live). */
@@ -67,4 +82,16 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     }
   }
   blas_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void cblas_dgemm(int order, int trans_a, int trans_b, int M, int N, int K, double alpha,
+                 const double *A, int lda, const double *B, int ldb, double beta, double *C,
+                 int ldc) {
+  blas_dgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void cblas_cgemm(int order, int trans_a, int trans_b, int M, int N, int K, const void *alpha,
+                 const void *A, int lda, const void *B, int ldb, const void *beta, void *C,
+                 int ldc) {
+  blas_cgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
