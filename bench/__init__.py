@@ -3,4 +3,4 @@
 Importing ``models`` first lets it choose the BLAS before any benchmark imports ``mlx.core``.
 """
 
-import models  # noqa: F401
+import moeserve.models  # noqa: F401

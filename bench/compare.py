@@ -3,7 +3,7 @@
 Builds the bench checkpoint if it is missing (``bench/make_checkpoint.py``), then starts each
 server in turn on a free loopback port, from this interpreter's environment:
 
-* ``python -m server.cli serve --model DIR --port P --dtype float32`` (ready: ``/health``);
+* ``python -m moeserve.server.cli serve --model DIR --port P --dtype float32`` (ready: ``/health``);
 * ``python -m mlx_lm server --model DIR --port P`` (ready: ``/v1/models`` answers 200; its body
   may be empty offline, where the Hugging Face cache scan behind it fails after the status
   line). Requests name the model ``default_model``, mlx_lm.server's name for ``--model``.
@@ -59,8 +59,8 @@ from typing import Any
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.serverproc import ServerProcess, free_port, moeserve_command
-from devtools.loadgen import run_load
-from models.backend.blas import blas_path
+from moeserve.devtools.loadgen import run_load
+from moeserve.models.backend.blas import blas_path
 
 MLX_LM_MODEL = "default_model"  # mlx_lm.server's name for the model given by --model
 MB = 1 << 20
@@ -101,7 +101,7 @@ def check_serve_command() -> None:
     Raises:
         RuntimeError: If ``serve --help`` does not list ``--port``.
     """
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--help"]
+    cmd = [sys.executable, "-m", "moeserve.server.cli", "serve", "--help"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
     if "--port" not in out.stdout:
         raise RuntimeError(f"`moeserve serve --help` lists no --port:\n{out.stdout}{out.stderr}")

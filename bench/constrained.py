@@ -18,13 +18,13 @@ import uuid
 from pathlib import Path
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
-from models import load
-from server.engine.engine import Engine
-from server.engine.events import ErrorEvent, FinishEvent, GenerationRequest
-from server.engine.grammar import Constraint
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import SchedulerConfig
-from server.text.tokenizer import Tokenizer
+from moeserve.models import load
+from moeserve.server.engine.engine import Engine
+from moeserve.server.engine.events import ErrorEvent, FinishEvent, GenerationRequest
+from moeserve.server.engine.grammar import Constraint
+from moeserve.server.engine.sampling import SamplingParams
+from moeserve.server.engine.scheduler import SchedulerConfig
+from moeserve.server.text.tokenizer import Tokenizer
 
 ITEM = {
     "type": "object",

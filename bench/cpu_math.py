@@ -33,10 +33,10 @@ import mlx.nn as nn
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.step_profile import decode_step
-from models import backend
-from models.backend import fastmath
-from models.cache import BatchKVCache
-from models.loader import load_model
+from moeserve.models import backend
+from moeserve.models.backend import fastmath
+from moeserve.models.cache import BatchKVCache
+from moeserve.models.loader import load_model
 
 
 def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:

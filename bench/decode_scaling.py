@@ -17,12 +17,12 @@ import uuid
 from pathlib import Path
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
-from models import load
-from server.engine.engine import Engine
-from server.engine.events import FinishEvent, GenerationRequest
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import SchedulerConfig
-from server.text.tokenizer import Tokenizer
+from moeserve.models import load
+from moeserve.server.engine.engine import Engine
+from moeserve.server.engine.events import FinishEvent, GenerationRequest
+from moeserve.server.engine.sampling import SamplingParams
+from moeserve.server.engine.scheduler import SchedulerConfig
+from moeserve.server.text.tokenizer import Tokenizer
 
 
 async def _one(engine: Engine, prompt: list[int], tokens: int) -> int:

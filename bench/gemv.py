@@ -31,8 +31,8 @@ import numpy as np
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.step_profile import decode_step
-from models.backend.blas import blas_path, gemv_forwarding
-from models.loader import load_model
+from moeserve.models.backend.blas import blas_path, gemv_forwarding
+from moeserve.models.loader import load_model
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 

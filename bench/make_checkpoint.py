@@ -14,8 +14,8 @@ import argparse
 import random
 from pathlib import Path
 
-from devtools.demo import CheckpointSpec, build_checkpoint
-from devtools.tokenizer_build import DEFAULT_CORPUS
+from moeserve.devtools.demo import CheckpointSpec, build_checkpoint
+from moeserve.devtools.tokenizer_build import DEFAULT_CORPUS
 
 _SYLLABLES = "ka to ri mu se la no vi pe da zu ho gre stan tion ment ing er al ly".split()
 

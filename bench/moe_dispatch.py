@@ -16,8 +16,8 @@ import time
 
 import mlx.core as mx
 
-from models.backend import CpuBackend, experts
-from models.layers.moe import SwitchGLU
+from moeserve.models.backend import CpuBackend, experts
+from moeserve.models.layers.moe import SwitchGLU
 
 
 def _time(fn, *args, repeat: int) -> float:

@@ -135,7 +135,7 @@ def moeserve_command(model: Path | None, port: int, *flags: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "server.cli",
+        "moeserve.server.cli",
         "serve",
         *(["--model", str(model)] if model is not None else []),
         "--host",

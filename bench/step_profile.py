@@ -32,11 +32,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
-from models import qwen2_moe
-from models.cache import BatchKVCache
-from models.layers import attention
-from models.layers.moe import combine_experts, softmax_topk
-from models.loader import load_model
+from moeserve.models import qwen2_moe
+from moeserve.models.cache import BatchKVCache
+from moeserve.models.layers import attention
+from moeserve.models.layers.moe import combine_experts, softmax_topk
+from moeserve.models.loader import load_model
 
 _FULL_MOE = qwen2_moe.SparseMoeBlock.__call__
 _FULL_ATTENTION = attention.Attention.__call__

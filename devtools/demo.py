@@ -20,10 +20,10 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from devtools.tokenizer_build import build_bpe_tokenizer
-from models.convert import save_weights
-from models.loader import build_model
-from server.text.tokenizer import Tokenizer
+from moeserve.devtools.tokenizer_build import build_bpe_tokenizer
+from moeserve.models.convert import save_weights
+from moeserve.models.loader import build_model
+from moeserve.server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

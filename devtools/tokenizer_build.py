@@ -21,7 +21,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from server.text.tokenizer import CHATML_TEMPLATE
+from moeserve.server.text.tokenizer import CHATML_TEMPLATE
 
 CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")

@@ -4,8 +4,8 @@ Knows nothing of HTTP, sessions or chat templates (see the architecture section 
 """
 
 # First: the backend chooses the BLAS before anything loads mlx.core (models/backend/blas.py).
-from models import backend  # noqa: F401, I001
+from moeserve.models import backend  # noqa: F401, I001
 
-from models.loader import load, load_model
+from moeserve.models.loader import load, load_model
 
 __all__ = ["load", "load_model"]

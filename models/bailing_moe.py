@@ -31,15 +31,15 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, CausalLM, DecoderStack, FirstKDenseArgs, StackNames
-from models.layers.attention import Attention, AttentionConfig, AttentionNames, gqa_config
-from models.layers.decoder import LayerNames, PreNormDecoderLayer
-from models.layers.mlp import GatedMLP
-from models.layers.moe import SharedExpertMoE, SwitchGLU, grouped_topk
-from models.layers.norm import RMSNorm
-from models.layers.rope import RopeConfig, rope_config_from
-from models.quantize import QuantOverride
-from models.sanitize import drop_prefixes, rename, stack_experts
+from moeserve.models.base import BaseModelArgs, CausalLM, DecoderStack, FirstKDenseArgs, StackNames
+from moeserve.models.layers.attention import Attention, AttentionConfig, AttentionNames, gqa_config
+from moeserve.models.layers.decoder import LayerNames, PreNormDecoderLayer
+from moeserve.models.layers.mlp import GatedMLP
+from moeserve.models.layers.moe import SharedExpertMoE, SwitchGLU, grouped_topk
+from moeserve.models.layers.norm import RMSNorm
+from moeserve.models.layers.rope import RopeConfig, rope_config_from
+from moeserve.models.quantize import QuantOverride
+from moeserve.models.sanitize import drop_prefixes, rename, stack_experts
 
 # Shape legend: B = batch, L = new tokens, T = B*L flattened tokens, M = hidden size,
 # E = routed experts, A = experts per token (top-k), V = vocabulary.

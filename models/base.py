@@ -24,11 +24,11 @@ from typing import Any, Protocol, runtime_checkable
 import mlx.core as mx
 import mlx.nn as nn
 
-from models import backend
-from models.cache import BatchKVCache, KVCache
-from models.errors import ConfigError
-from models.layers.rope import RopeConfig, rope_config_from
-from models.quantize import QuantOverride
+from moeserve.models import backend
+from moeserve.models.cache import BatchKVCache, KVCache
+from moeserve.models.errors import ConfigError
+from moeserve.models.layers.rope import RopeConfig, rope_config_from
+from moeserve.models.quantize import QuantOverride
 
 # One layer's cache in a forward pass: a sequence's own, or the left-padded decode batch's.
 LayerCache = KVCache | BatchKVCache

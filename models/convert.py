@@ -17,8 +17,8 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from models.loader import load
-from models.quantize import quantize_model
+from moeserve.models.loader import load
+from moeserve.models.quantize import quantize_model
 
 logger = logging.getLogger(__name__)
 

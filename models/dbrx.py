@@ -39,12 +39,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, CausalLM, DecoderStack, StackNames
-from models.layers.attention import Attention, AttentionConfig, AttentionNames
-from models.layers.moe import LinearRouter, SwitchGLU, combine_experts, softmax_topk
-from models.layers.rope import RopeConfig, rope_config_from
-from models.quantize import QuantOverride
-from models.sanitize import stack_experts
+from moeserve.models.base import BaseModelArgs, CausalLM, DecoderStack, StackNames
+from moeserve.models.layers.attention import Attention, AttentionConfig, AttentionNames
+from moeserve.models.layers.moe import LinearRouter, SwitchGLU, combine_experts, softmax_topk
+from moeserve.models.layers.rope import RopeConfig, rope_config_from
+from moeserve.models.quantize import QuantOverride
+from moeserve.models.sanitize import stack_experts
 
 # Publisher / mlx-lm expert tensor -> our stacked SwitchGLU projection.
 _EXPERT_NAMES = {"w1": "gate_proj", "v1": "up_proj", "w2": "down_proj"}

@@ -37,12 +37,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, CausalLM, DecoderStack
-from models.layers.attention import Attention, AttentionConfig, gqa_config
-from models.layers.decoder import LayerNames, PreNormDecoderLayer
-from models.layers.moe import LinearRouter, SwitchGLU, combine_experts, topk_softmax
-from models.layers.norm import RMSNorm
-from models.quantize import QuantOverride
+from moeserve.models.base import BaseModelArgs, CausalLM, DecoderStack
+from moeserve.models.layers.attention import Attention, AttentionConfig, gqa_config
+from moeserve.models.layers.decoder import LayerNames, PreNormDecoderLayer
+from moeserve.models.layers.moe import LinearRouter, SwitchGLU, combine_experts, topk_softmax
+from moeserve.models.layers.norm import RMSNorm
+from moeserve.models.quantize import QuantOverride
 
 
 @dataclass

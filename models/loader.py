@@ -23,9 +23,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from models.errors import CheckpointError, ConfigError, ModelNotFoundError
-from models.quantize import checkpoint_predicate
-from models.registry import canonical_model_type, get_model_module
+from moeserve.models.errors import CheckpointError, ConfigError, ModelNotFoundError
+from moeserve.models.quantize import checkpoint_predicate
+from moeserve.models.registry import canonical_model_type, get_model_module
 
 logger = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.base import BaseModelArgs, CausalLM, DecoderStack
-from models.layers.attention import Attention, AttentionConfig, gqa_config
-from models.layers.decoder import PreNormDecoderLayer
-from models.layers.mlp import GatedMLP
-from models.layers.moe import SwitchGLU, combine_experts, softmax_topk
-from models.layers.norm import RMSNorm
-from models.sanitize import drop_prefixes, stack_experts
+from moeserve.models.base import BaseModelArgs, CausalLM, DecoderStack
+from moeserve.models.layers.attention import Attention, AttentionConfig, gqa_config
+from moeserve.models.layers.decoder import PreNormDecoderLayer
+from moeserve.models.layers.mlp import GatedMLP
+from moeserve.models.layers.moe import SwitchGLU, combine_experts, softmax_topk
+from moeserve.models.layers.norm import RMSNorm
+from moeserve.models.sanitize import drop_prefixes, stack_experts
 
 # Shape legend: B = batch, L = new tokens, T = B*L flattened tokens, M = hidden size,
 # E = routed experts, A = experts per token (top-k), V = vocabulary.

@@ -9,15 +9,15 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from models.errors import UnsupportedModelError
+from moeserve.models.errors import UnsupportedModelError
 
 # model_type -> module under models/. Each module defines ``ModelArgs`` and ``Model``.
 _MODULES: dict[str, str] = {
-    "qwen2_moe": "models.qwen2_moe",
-    "glm4_moe": "models.glm4_moe",
-    "bailing_moe": "models.bailing_moe",
-    "granitemoe": "models.granitemoe",
-    "dbrx": "models.dbrx",
+    "qwen2_moe": "moeserve.models.qwen2_moe",
+    "glm4_moe": "moeserve.models.glm4_moe",
+    "bailing_moe": "moeserve.models.bailing_moe",
+    "granitemoe": "moeserve.models.granitemoe",
+    "dbrx": "moeserve.models.dbrx",
 }
 
 # Other names for a supported type: the ``architectures`` class names that publishers put in

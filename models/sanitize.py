@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import mlx.core as mx
 
-from models.errors import CheckpointError
+from moeserve.models.errors import CheckpointError
 
 # A linear layer's tensors: float weight and bias, plus the quantized layout's scales/biases.
 _PARTS = ("weight", "bias", "scales", "biases")

@@ -4,4 +4,4 @@ Importing ``models`` first lets it pick the BLAS before anything here imports ``
 (see ``models/backend/blas.py``).
 """
 
-import models  # noqa: F401
+import moeserve.models  # noqa: F401

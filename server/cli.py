@@ -19,14 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from devtools.demo import demo_model_dir
-from models.errors import ModelError
-from models.loader import load
-from server.engine.engine import Engine
-from server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import SchedulerConfig
-from server.settings import (
+from moeserve.devtools.demo import demo_model_dir
+from moeserve.models.errors import ModelError
+from moeserve.models.loader import load
+from moeserve.server.engine.engine import Engine
+from moeserve.server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
+from moeserve.server.engine.sampling import SamplingParams
+from moeserve.server.engine.scheduler import SchedulerConfig
+from moeserve.server.settings import (
     Settings,
     cli_flag,
     env_var,
@@ -34,7 +34,7 @@ from server.settings import (
     resolve_dtype,
     unknown_env_vars,
 )
-from server.text.tokenizer import Tokenizer
+from moeserve.server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger("moeserve")
 
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast floating weights (default: as stored)",
     )
 
-    from devtools import loadgen
+    from moeserve.devtools import loadgen
 
     bench = sub.add_parser(
         "bench", help="load-test any OpenAI-compatible server (streaming chat, C clients)"
@@ -176,18 +176,20 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(getattr(args, "config", None), **overrides)
     logging.basicConfig(level=settings.log_level.upper(), format=_LOG_FORMAT)
     _warn_unknown_env()
-    from server.http.app import create_app  # imported late: it pulls in FastAPI and the engine
+    from moeserve.server.http.app import (
+        create_app,  # imported late: it pulls in FastAPI and the engine
+    )
 
     if settings.model is not None:
         # Fail before uvicorn starts, with one line, for the common mistakes (wrong path or
         # repo id, unsupported architecture); weight problems still surface at load time.
-        from models.loader import build_model_type, read_json, resolve_model_path
+        from moeserve.models.loader import build_model_type, read_json, resolve_model_path
 
         build_model_type(read_json(resolve_model_path(settings.model) / "config.json"))
 
     from uvicorn.config import STARTUP_FAILURE
 
-    from server.http.drain import CUT_GRACE_SECONDS, DrainingServer
+    from moeserve.server.http.drain import CUT_GRACE_SECONDS, DrainingServer
 
     app = create_app(settings)
     # sse-starlette would cut every stream the moment uvicorn starts its exit; the drain
@@ -272,13 +274,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from devtools import loadgen
+    from moeserve.devtools import loadgen
 
     return loadgen.main(args)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from models.convert import convert
+    from moeserve.models.convert import convert
 
     convert(
         args.src,

@@ -26,8 +26,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from server.engine.scheduler import SchedulerConfig
-from server.settings_sources import (
+from moeserve.server.engine.scheduler import SchedulerConfig
+from moeserve.server.settings_sources import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
     ENV_PREFIX,
@@ -42,7 +42,7 @@ from server.settings_sources import (
     settings_error,
     unknown_env_vars,
 )
-from server.text.formats import TOOL_FORMAT_NAMES
+from moeserve.server.text.formats import TOOL_FORMAT_NAMES
 
 __all__ = [
     "CONFIG_ENV",
@@ -75,7 +75,7 @@ def resolve_dtype(dtype: str) -> str | None:
     """
     if dtype != "auto":
         return dtype
-    from models.backend import is_cpu  # lazily: settings load before anything needs MLX
+    from moeserve.models.backend import is_cpu  # lazily: settings load before anything needs MLX
 
     # MLX's CPU half-precision and quantized kernels are far slower than its float32 path.
     return "float32" if is_cpu() else None

@@ -25,21 +25,21 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from devtools.demo import DEMO_MODEL_ID, demo_model_dir
-from models.backend import kernels, set_fast_math
-from models.backend.blas import blas_in_use
-from models.errors import ModelError
-from models.loader import LoadedModel, Progress, load, read_json, weight_files
-from models.quantize import count_parameters
-from server.engine import kv_io
-from server.engine.engine import Engine
-from server.engine.prompt_cache import PromptCache, PromptCacheConfig
-from server.http.deps import Runtime
-from server.http.metrics import Metrics
-from server.settings import Settings
-from server.text.chat_template import CHATML_TEMPLATE
-from server.text.formats import DEFAULT_TOOL_FORMAT, detect_tool_format
-from server.text.tokenizer import Tokenizer
+from moeserve.devtools.demo import DEMO_MODEL_ID, demo_model_dir
+from moeserve.models.backend import kernels, set_fast_math
+from moeserve.models.backend.blas import blas_in_use, blas_warning
+from moeserve.models.errors import ModelError
+from moeserve.models.loader import LoadedModel, Progress, load, read_json, weight_files
+from moeserve.models.quantize import count_parameters
+from moeserve.server.engine import kv_io
+from moeserve.server.engine.engine import Engine
+from moeserve.server.engine.prompt_cache import PromptCache, PromptCacheConfig
+from moeserve.server.http.deps import Runtime
+from moeserve.server.http.metrics import Metrics
+from moeserve.server.settings import Settings
+from moeserve.server.text.chat_template import CHATML_TEMPLATE
+from moeserve.server.text.formats import DEFAULT_TOOL_FORMAT, detect_tool_format
+from moeserve.server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -315,4 +315,7 @@ def build_runtime(settings: Settings) -> Runtime:
     )
     # Under the server's logger name, like the CLI's own lines: users see it as moeserve's.
     logging.getLogger("moeserve").info("%s", summary_line(served, settings))
+    # A slow BLAS costs ~25x on matrix products; the summary line names it, but few read it.
+    if (warning := blas_warning()) is not None:
+        logging.getLogger("moeserve").warning("%s", warning)
     return runtime

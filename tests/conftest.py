@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-# Set before `import models`: importing it may compile the BLAS shim into the cache directory.
+# Set before `import moeserve.models`: importing it may compile the BLAS shim into the cache.
 CACHE_DIR = tempfile.mkdtemp(prefix="moeserve-test-cache-")
 os.environ["MOESERVE_CACHE_DIR"] = CACHE_DIR
 
-import models  # noqa: E402, F401
-from devtools.demo import CheckpointSpec, build_checkpoint  # noqa: E402
+import moeserve.models  # noqa: E402, F401
+from moeserve.devtools.demo import CheckpointSpec, build_checkpoint  # noqa: E402
 from tests.live import LiveServer  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """A live moeserve on a loopback port, for integration and client-compatibility tests.
 
-``LiveServer.start(model_dir, *flags)`` runs ``python -m server.cli serve`` in a subprocess
+``LiveServer.start(model_dir, *flags)`` runs ``python -m moeserve.server.cli serve`` in a subprocess
 on a free 127.0.0.1 port (through ``bench/serverproc.py``, the benchmarks' launcher), waits
 for ``/health`` to answer 200, and ``stop()`` ends it. Output goes to a log file that failing
 tests can print.

@@ -20,7 +20,7 @@ one thread at a time (the engine thread).
 
 from __future__ import annotations
 
-from models.backend.blas import preload
+from moeserve.models.backend.blas import preload
 
 preload()  # before anything below imports mlx.core: see models/backend/blas.py
 
@@ -30,9 +30,9 @@ from typing import Any  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 
-from models.backend.cpu import CpuBackend  # noqa: E402
-from models.backend.plain import Backend  # noqa: E402
-from models.backend.rope import RopeSchedule  # noqa: E402
+from moeserve.models.backend.cpu import CpuBackend  # noqa: E402
+from moeserve.models.backend.plain import Backend  # noqa: E402
+from moeserve.models.backend.rope import RopeSchedule  # noqa: E402
 
 __all__ = [
     "Backend",

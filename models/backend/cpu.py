@@ -30,9 +30,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from models.backend import blas, cpu_attention, experts, fastmath
-from models.backend.plain import Backend
-from models.backend.rope import RopeSchedule, RopeTables
+from moeserve.models.backend import blas, cpu_attention, experts, fastmath
+from moeserve.models.backend.plain import Backend
+from moeserve.models.backend.rope import RopeSchedule, RopeTables
 
 # Below this many elements MLX's own op is as fast: the compiled path runs three kernels where
 # MLX runs one or two, and at this size dispatch, not arithmetic, is the cost (measured

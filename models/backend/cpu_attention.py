@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from models.backend import fastmath
+from moeserve.models.backend import fastmath
 
 # Scores of one query block, all heads together: about 1 MB of float32, so that the block's
 # passes (scores, max, exp, sum, P V) stay in a core's L2 cache. Measured on the bench

@@ -18,8 +18,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.backend import experts
-from models.backend.rope import RopeSchedule
+from moeserve.models.backend import experts
+from moeserve.models.backend.rope import RopeSchedule
 
 
 class Backend:

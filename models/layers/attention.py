@@ -18,9 +18,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models import backend
-from models.layers.norm import RMSNorm
-from models.layers.rope import RoPE, RopeConfig
+from moeserve.models import backend
+from moeserve.models.layers.norm import RMSNorm
+from moeserve.models.layers.rope import RoPE, RopeConfig
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models.layers.norm import RMSNorm
+from moeserve.models.layers.norm import RMSNorm
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from models import backend
+from moeserve.models import backend
 
 
 def softmax_topk(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from models import backend
+from moeserve.models import backend
 
 
 class RMSNorm(nn.RMSNorm):

@@ -20,9 +20,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from models import backend
-from models.backend import RopeSchedule
-from models.errors import ConfigError
+from moeserve.models import backend
+from moeserve.models.backend import RopeSchedule
+from moeserve.models.errors import ConfigError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 

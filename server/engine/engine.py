@@ -40,16 +40,16 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from models.base import LanguageModel
-from server.engine import kv_io
-from server.engine.events import ErrorEvent, Event, FinishEvent, GenerationRequest
-from server.engine.grammar import GrammarCompiler, Matcher
-from server.engine.output import OutputProcessor, RequestOutput
-from server.engine.prompt_cache import Hit, PromptCache
-from server.engine.runner import Runner
-from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import Sequence
-from server.text.tokenizer import Tokenizer
+from moeserve.models.base import LanguageModel
+from moeserve.server.engine import kv_io
+from moeserve.server.engine.events import ErrorEvent, Event, FinishEvent, GenerationRequest
+from moeserve.server.engine.grammar import GrammarCompiler, Matcher
+from moeserve.server.engine.output import OutputProcessor, RequestOutput
+from moeserve.server.engine.prompt_cache import Hit, PromptCache
+from moeserve.server.engine.runner import Runner
+from moeserve.server.engine.scheduler import Scheduler, SchedulerConfig
+from moeserve.server.engine.sequence import Sequence
+from moeserve.server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

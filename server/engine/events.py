@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.engine.grammar import Constraint
-from server.engine.sampling import SamplingParams
+from moeserve.server.engine.grammar import Constraint
+from moeserve.server.engine.sampling import SamplingParams
 
 
 @dataclass(slots=True)

@@ -42,8 +42,8 @@ from typing import Any, Protocol
 import llguidance
 import mlx.core as mx
 
-from server.text.formats.grammar_writer import JSON_LAYOUT, GrammarWriter
-from server.text.tokenizer import Tokenizer
+from moeserve.server.text.formats.grammar_writer import JSON_LAYOUT, GrammarWriter
+from moeserve.server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

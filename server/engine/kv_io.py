@@ -13,8 +13,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from models.cache import KVCache
-from server.engine.prompt_cache_disk import Tensor
+from moeserve.models.cache import KVCache
+from moeserve.server.engine.prompt_cache_disk import Tensor
 
 KV = list[tuple[mx.array, mx.array]]
 
@@ -98,7 +98,7 @@ def load(path: Path) -> tuple[list[int], KV, int, dict[str, str]]:
     """
     import json
 
-    from models.loader import check_safetensors
+    from moeserve.models.loader import check_safetensors
 
     check_safetensors(path)
     arrays, metadata = mx.load(str(path), return_metadata=True)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from server.engine.events import (
+from moeserve.server.engine.events import (
     DeltaEvent,
     ErrorEvent,
     Event,
@@ -34,13 +34,13 @@ from server.engine.events import (
     GenerationRequest,
     TokenLogprob,
 )
-from server.engine.sampling import TokenSample
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import FinishReason, Sequence, check_stop
-from server.text.tokenizer import StopMatcher, StreamingDetokenizer, Tokenizer
+from moeserve.server.engine.sampling import TokenSample
+from moeserve.server.engine.scheduler import Scheduler
+from moeserve.server.engine.sequence import FinishReason, Sequence, check_stop
+from moeserve.server.text.tokenizer import StopMatcher, StreamingDetokenizer, Tokenizer
 
 if TYPE_CHECKING:  # a hit is carried for the engine, never looked into here
-    from server.engine.prompt_cache import Hit
+    from moeserve.server.engine.prompt_cache import Hit
 
 logger = logging.getLogger(__name__)
 

@@ -43,8 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.engine.prompt_cache_disk import Tensor, Writer, read_metadata, remove_stale_temps
-from server.engine.session_keys import belongs_to, digest, tenant_of
+from moeserve.server.engine.prompt_cache_disk import (
+    Tensor,
+    Writer,
+    read_metadata,
+    remove_stale_temps,
+)
+from moeserve.server.engine.session_keys import belongs_to, digest, tenant_of
 
 logger = logging.getLogger(__name__)
 

@@ -103,7 +103,7 @@ def read_metadata(path: Path) -> tuple[dict[str, str], int, float]:
     Raises:
         Exception: The file is truncated, not safetensors, or unreadable.
     """
-    from models.loader import check_safetensors
+    from moeserve.models.loader import check_safetensors
 
     check_safetensors(path)
     with path.open("rb") as f:

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from models.base import LanguageModel
-from models.cache import BatchKVCache, KVCache
-from server.engine.grammar import allowed_mask
-from server.engine.sampling import Sampler, TokenSample
-from server.engine.scheduler import StepPlan
-from server.engine.sequence import Sequence
+from moeserve.models.base import LanguageModel
+from moeserve.models.cache import BatchKVCache, KVCache
+from moeserve.server.engine.grammar import allowed_mask
+from moeserve.server.engine.sampling import Sampler, TokenSample
+from moeserve.server.engine.scheduler import StepPlan
+from moeserve.server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

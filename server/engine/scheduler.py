@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field, fields
 
-from server.engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
+from moeserve.server.engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
 
 
 @dataclass(slots=True)

@@ -15,10 +15,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from server.engine.sampling import SamplingParams
+from moeserve.server.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:  # the grammar module loads llguidance and MLX; a sequence only holds one
-    from server.engine.grammar import Matcher
+    from moeserve.server.engine.grammar import Matcher
 
 
 class SequenceStatus(enum.Enum):

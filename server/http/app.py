@@ -18,15 +18,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http.asgi import HTTPMiddleware, send_json
-from server.http.deps import Runtime
-from server.http.drain import Drain, DrainMiddleware
-from server.http.errors import APIError, install_handlers
-from server.http.limits import BodyLimitMiddleware
-from server.http.routes import admin, chat, completions
-from server.http.routes import models as models_api
-from server.settings import Settings
-from server.startup import build_runtime
+from moeserve.server.http.asgi import HTTPMiddleware, send_json
+from moeserve.server.http.deps import Runtime
+from moeserve.server.http.drain import Drain, DrainMiddleware
+from moeserve.server.http.errors import APIError, install_handlers
+from moeserve.server.http.limits import BodyLimitMiddleware
+from moeserve.server.http.routes import admin, chat, completions
+from moeserve.server.http.routes import models as models_api
+from moeserve.server.settings import Settings
+from moeserve.server.startup import build_runtime
 
 RuntimeFactory = Callable[[Settings], Runtime]
 OPEN_PATHS = frozenset({"/health"})  # reachable without an API key (load balancers, Docker)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.engine.scheduler import ContextLengthError
-from server.http.deps import Runtime
-from server.http.errors import APIError
+from moeserve.server.engine.scheduler import ContextLengthError
+from moeserve.server.http.deps import Runtime
+from moeserve.server.http.errors import APIError
 
 
 def context_error(prompt: int, completion: int, limit: int, param: str = "messages") -> APIError:

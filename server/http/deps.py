@@ -13,13 +13,13 @@ from typing import Annotated, Protocol, TypeVar
 
 from fastapi import Depends, Request
 
-from server.engine.events import Event, GenerationRequest
-from server.engine.grammar import GrammarCompiler
-from server.engine.prompt_cache import PromptCache
-from server.http.errors import APIError, model_not_found
-from server.http.metrics import Metrics
-from server.settings import Settings
-from server.text.tokenizer import Tokenizer
+from moeserve.server.engine.events import Event, GenerationRequest
+from moeserve.server.engine.grammar import GrammarCompiler
+from moeserve.server.engine.prompt_cache import PromptCache
+from moeserve.server.http.errors import APIError, model_not_found
+from moeserve.server.http.metrics import Metrics
+from moeserve.server.settings import Settings
+from moeserve.server.text.tokenizer import Tokenizer
 
 T = TypeVar("T")
 

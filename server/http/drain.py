@@ -33,8 +33,8 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.http.asgi import HTTPMiddleware, send_json
-from server.http.errors import APIError
+from moeserve.server.http.asgi import HTTPMiddleware, send_json
+from moeserve.server.http.errors import APIError
 
 logger = logging.getLogger("moeserve")
 

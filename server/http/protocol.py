@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from server.engine.session_keys import check_key
+from moeserve.server.engine.session_keys import check_key
 
 MAX_STOP = 16  # OpenAI allows 4; vLLM more. Enough for any client, bounded for the matcher.
 # Chat-template variables a request may not set through chat_template_kwargs: the server

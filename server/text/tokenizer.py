@@ -23,7 +23,7 @@ from typing import Any
 
 import tokenizers
 
-from server.text.chat_template import (
+from moeserve.server.text.chat_template import (
     CHATML_TEMPLATE,
     TemplateError,
     compile_chat_template,

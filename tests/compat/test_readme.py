@@ -149,7 +149,7 @@ def test_generate_example() -> None:
     assert argv[0] == ".venv/bin/moeserve"
     # This environment's moeserve (after `make`, .venv's), with its interpreter.
     run = subprocess.run(
-        [sys.executable, "-m", "server.cli", *argv[1:]],
+        [sys.executable, "-m", "moeserve.server.cli", *argv[1:]],
         capture_output=True,
         text=True,
         timeout=120,

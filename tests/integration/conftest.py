@@ -162,7 +162,7 @@ def inprocess_server() -> Iterator[Callable[..., InProcessServer]]:
     started: list[InProcessServer] = []
 
     def start(settings: Any, runtime_factory: Callable[[Any], Any]) -> InProcessServer:
-        from server.http.app import create_app
+        from moeserve.server.http.app import create_app
 
         live = InProcessServer(create_app(settings, runtime_factory)).start()
         started.append(live)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import main
+from moeserve.server.cli import main
 
 
 def test_moeserve_bench_against_live_server(server, tmp_path: Path, capsys) -> None:
@@ -44,7 +44,7 @@ def test_moeserve_bench_against_live_server(server, tmp_path: Path, capsys) -> N
 def test_bench_logs_requests_only_when_verbose(server, verbose: bool) -> None:
     argv = ["bench", "--url", server.base_url, "-c", "2", "-n", "4", "--output-tokens", "2"]
     run = subprocess.run(
-        [sys.executable, "-m", "server.cli", *argv, *(["--verbose"] if verbose else [])],
+        [sys.executable, "-m", "moeserve.server.cli", *argv, *(["--verbose"] if verbose else [])],
         capture_output=True,
         text=True,
         timeout=120,

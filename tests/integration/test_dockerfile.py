@@ -387,9 +387,16 @@ def _run(installed: Installed, *argv: str, timeout: float = 120) -> subprocess.C
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_installed_project_runs_from_site_packages(installed: Installed) -> None:
-    where = _run(installed, "python", "-c", "import models, server; print(server.__file__)")
+    code = "import moeserve.models, moeserve.server; print(moeserve.server.__file__)"
+    where = _run(installed, "python", "-c", code)
     assert where.returncode == 0, where.stderr
     assert "site-packages" in where.stdout and str(ROOT) not in where.stdout
+    # One namespace: nothing called server, models or devtools at the top of site-packages,
+    # where it would shadow (or be shadowed by) an application's own package of that name.
+    site = Path(where.stdout.strip()).parents[2]
+    assert {p.name for p in site.iterdir()} & {"server", "models", "devtools"} == set()
+    bare = _run(installed, "python", "-c", "import server")
+    assert bare.returncode != 0 and "ModuleNotFoundError" in bare.stderr
     help_ = _run(installed, "moeserve", "--help")
     assert help_.returncode == 0 and "usage: moeserve" in help_.stdout, help_.stderr
 

@@ -63,8 +63,8 @@ def _operations() -> list[tuple[str, str, GenerationMode]]:
     Building the app loads no model. An operation without a body or parameters has no
     schema-breaking request to generate, so it is fuzzed in the positive mode only.
     """
-    from server.http.app import create_app
-    from server.settings import Settings
+    from moeserve.server.http.app import create_app
+    from moeserve.server.settings import Settings
 
     spec = create_app(Settings()).openapi()
     out = []

@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from server.engine.engine import Engine
-from server.http.deps import Runtime
-from server.http.metrics import Metrics
-from server.settings import load_settings
-from server.startup import load_served_model
+from moeserve.server.engine.engine import Engine
+from moeserve.server.http.deps import Runtime
+from moeserve.server.http.metrics import Metrics
+from moeserve.server.settings import load_settings
+from moeserve.server.startup import load_served_model
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hello"}]

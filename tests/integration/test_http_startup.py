@@ -35,7 +35,7 @@ def test_bad_setting_fails_at_startup_naming_it(tiny_model) -> None:
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "moeserve.server.cli",
             "serve",
             "--model",
             str(tiny_model),
@@ -73,7 +73,7 @@ def test_a_terminal_sees_a_progress_bar_while_weights_load(tiny_model, tmp_path)
     cmd = [
         sys.executable,
         "-m",
-        "server.cli",
+        "moeserve.server.cli",
         "serve",
         "--model",
         str(tiny_model),

@@ -11,8 +11,8 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from models import load_model
-from models.loader import build_model, read_json
+from moeserve.models import load_model
+from moeserve.models.loader import build_model, read_json
 from tests.helpers import FIXTURES, variants
 
 ATOL = 1e-4

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from devtools.tokenizer_build import (
+from moeserve.devtools.tokenizer_build import (
     DEFAULT_CORPUS,
     build_bpe_tokenizer,
     build_sentencepiece_style_tokenizer,
 )
-from models import backend
-from server.text.tokenizer import Tokenizer
+from moeserve.models import backend
+from moeserve.server.text.tokenizer import Tokenizer
 
 # Non-special added tokens, like Qwen3's reasoning markers: decoded as text, never skipped.
 THINK_TOKENS = ("<think>", "</think>")

@@ -6,8 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from devtools.demo import demo_model_dir
-from models.backend import blas
+from moeserve.devtools.demo import demo_model_dir
+from moeserve.models.backend import blas
 
 
 def test_the_cache_directory_is_temporary() -> None:

@@ -14,10 +14,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.http.deps import Runtime, RuntimeDep
-from server.http.errors import APIError, error_responses
-from server.http.protocol import DetokenizeRequest, TokenizeRequest
-from server.text.tokenizer import TemplateError
+from moeserve.server.http.deps import Runtime, RuntimeDep
+from moeserve.server.http.errors import APIError, error_responses
+from moeserve.server.http.protocol import DetokenizeRequest, TokenizeRequest
+from moeserve.server.text.tokenizer import TemplateError
 
 router = APIRouter(tags=["admin"], responses=error_responses(400, 401, 404, 413, 503))
 

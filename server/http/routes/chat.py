@@ -16,16 +16,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.engine.events import GenerationRequest
-from server.http.context_length import check_prompt_bytes
-from server.http.deps import Runtime, RuntimeDep
-from server.http.errors import APIError, error_responses
-from server.http.protocol import ChatCompletionRequest, NamedToolChoice
-from server.http.responses import ChatCompletion
-from server.http.routes import common, generation
-from server.http.routes.chat_output import ChatChunks, OutputConfig, chat_completion
-from server.text.formats import MARKERS, detect_reasoning, tool_format
-from server.text.tokenizer import TemplateError
+from moeserve.server.engine.events import GenerationRequest
+from moeserve.server.http.context_length import check_prompt_bytes
+from moeserve.server.http.deps import Runtime, RuntimeDep
+from moeserve.server.http.errors import APIError, error_responses
+from moeserve.server.http.protocol import ChatCompletionRequest, NamedToolChoice
+from moeserve.server.http.responses import ChatCompletion
+from moeserve.server.http.routes import common, generation
+from moeserve.server.http.routes.chat_output import ChatChunks, OutputConfig, chat_completion
+from moeserve.server.text.formats import MARKERS, detect_reasoning, tool_format
+from moeserve.server.text.tokenizer import TemplateError
 
 router = APIRouter(tags=["chat"], responses=error_responses(400, 401, 404, 413, 429, 500, 503))
 
@@ -167,7 +167,7 @@ async def _compile(job: tuple[Any, ...], param: str) -> Any:
     Raises:
         APIError: 400 ``invalid_schema`` naming ``param``.
     """
-    from server.engine.grammar import GrammarError
+    from moeserve.server.engine.grammar import GrammarError
 
     try:
         return await asyncio.to_thread(*job)

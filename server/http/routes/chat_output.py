@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.events import DeltaEvent, FinishEvent, TokenLogprob
-from server.http.deps import Runtime
-from server.http.protocol import ChatCompletionRequest
-from server.http.responses import (
+from moeserve.server.engine.events import DeltaEvent, FinishEvent, TokenLogprob
+from moeserve.server.http.deps import Runtime
+from moeserve.server.http.protocol import ChatCompletionRequest
+from moeserve.server.http.responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -38,8 +38,8 @@ from server.http.responses import (
     TopLogprob,
     Usage,
 )
-from server.http.routes.generation import ChoiceOutput, Tally
-from server.text.formats import (
+from moeserve.server.http.routes.generation import ChoiceOutput, Tally
+from moeserve.server.text.formats import (
     ContentDelta,
     ReasoningFormat,
     ToolCallArgs,

@@ -15,15 +15,15 @@ from typing import Any
 
 from fastapi import Request
 
-from server.engine.engine import EngineDeadError
-from server.engine.events import Event, GenerationRequest
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import ContextLengthError, QueueFullError
-from server.engine.session_keys import check_key, prompt_entry_key, scope_of
-from server.http.context_length import completion_limit, from_engine
-from server.http.deps import Runtime
-from server.http.errors import APIError, engine_down
-from server.http.protocol import SamplingFields
+from moeserve.server.engine.engine import EngineDeadError
+from moeserve.server.engine.events import Event, GenerationRequest
+from moeserve.server.engine.sampling import SamplingParams
+from moeserve.server.engine.scheduler import ContextLengthError, QueueFullError
+from moeserve.server.engine.session_keys import check_key, prompt_entry_key, scope_of
+from moeserve.server.http.context_length import completion_limit, from_engine
+from moeserve.server.http.deps import Runtime
+from moeserve.server.http.errors import APIError, engine_down
+from moeserve.server.http.protocol import SamplingFields
 
 # OpenAPI: with ``stream: true`` the 200 answer is a server-sent event stream, not JSON.
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {

@@ -15,12 +15,12 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.engine.events import DeltaEvent, FinishEvent, GenerationRequest, TokenLogprob
-from server.http.context_length import check_prompt_bytes
-from server.http.deps import Runtime, RuntimeDep
-from server.http.errors import APIError, error_responses
-from server.http.protocol import CompletionRequest
-from server.http.responses import (
+from moeserve.server.engine.events import DeltaEvent, FinishEvent, GenerationRequest, TokenLogprob
+from moeserve.server.http.context_length import check_prompt_bytes
+from moeserve.server.http.deps import Runtime, RuntimeDep
+from moeserve.server.http.errors import APIError, error_responses
+from moeserve.server.http.protocol import CompletionRequest
+from moeserve.server.http.responses import (
     Completion,
     CompletionChoice,
     CompletionChunk,
@@ -28,7 +28,7 @@ from server.http.responses import (
     Envelope,
     LegacyUsage,
 )
-from server.http.routes import common, generation
+from moeserve.server.http.routes import common, generation
 
 router = APIRouter(
     tags=["completions"], responses=error_responses(400, 401, 404, 413, 429, 500, 503)

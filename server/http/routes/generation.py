@@ -22,11 +22,11 @@ from typing import Protocol
 from fastapi import Request
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from server.engine.events import DeltaEvent, ErrorEvent, Event, FinishEvent, TokenLogprob
-from server.http.deps import Runtime
-from server.http.drain import drain_of, shutting_down
-from server.http.errors import APIError, generation_failed
-from server.http.responses import sse_safe
+from moeserve.server.engine.events import DeltaEvent, ErrorEvent, Event, FinishEvent, TokenLogprob
+from moeserve.server.http.deps import Runtime
+from moeserve.server.http.drain import drain_of, shutting_down
+from moeserve.server.http.errors import APIError, generation_failed
+from moeserve.server.http.responses import sse_safe
 
 # How often a non-streaming request checks whether its client is still there.
 _DISCONNECT_POLL_SECONDS = 0.1

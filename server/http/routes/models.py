@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.http.deps import Runtime, RuntimeDep
-from server.http.errors import error_responses, model_not_found
-from server.http.responses import ModelCard, ModelList
+from moeserve.server.http.deps import Runtime, RuntimeDep
+from moeserve.server.http.errors import error_responses, model_not_found
+from moeserve.server.http.responses import ModelCard, ModelList
 
 router = APIRouter(tags=["models"], responses=error_responses(401, 404, 503))
 

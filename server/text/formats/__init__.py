@@ -20,8 +20,8 @@ import importlib
 from collections.abc import Container
 from typing import Any, TypeVar
 
-from server.text.formats.reasoning_base import ReasoningFormat
-from server.text.formats.tool_base import (
+from moeserve.server.text.formats.reasoning_base import ReasoningFormat
+from moeserve.server.text.formats.tool_base import (
     MAX_PARALLEL_CALLS,
     ContentDelta,
     Event,

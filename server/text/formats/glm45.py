@@ -11,8 +11,8 @@ import re
 from collections.abc import Container
 from typing import Any
 
-from server.text.formats.grammar_writer import GrammarWriter
-from server.text.formats.tool_base import (
+from moeserve.server.text.formats.grammar_writer import GrammarWriter
+from moeserve.server.text.formats.tool_base import (
     MalformedCallError,
     ToolFormat,
     skip_ws,

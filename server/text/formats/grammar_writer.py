@@ -13,7 +13,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from server.text.tokenizer import Tokenizer
+    from moeserve.server.text.tokenizer import Tokenizer
 
 # JSON layout options for llguidance's schema compiler: compact (", " and ": " separators,
 # no other whitespace), so a small model cannot wander off into endless whitespace.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Container
 
-from server.text.formats.qwen import QwenFormat
+from moeserve.server.text.formats.qwen import QwenFormat
 
 # A JSON key as a template spells it, in a plain or a backslash-escaped string literal.
 _PARAMETERS_KEY = re.compile(r'\\?"parameters\\?"\s*:')

@@ -10,8 +10,8 @@ import json
 from collections.abc import Container
 from typing import Any, ClassVar
 
-from server.text.formats.grammar_writer import GrammarWriter
-from server.text.formats.tool_base import MalformedCallError, ToolFormat, decode, skip_ws
+from moeserve.server.text.formats.grammar_writer import GrammarWriter
+from moeserve.server.text.formats.tool_base import MalformedCallError, ToolFormat, decode, skip_ws
 
 
 class _ValueScanner:

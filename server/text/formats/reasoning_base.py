@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import ClassVar
 
-from server.text.formats.tool_base import partial_marker_len
+from moeserve.server.text.formats.tool_base import partial_marker_len
 
 
 class ReasoningFormat:

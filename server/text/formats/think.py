@@ -7,7 +7,7 @@ start inside it; `ReasoningFormat.starts_inside` reads that from the rendered pr
 
 from __future__ import annotations
 
-from server.text.formats.reasoning_base import ReasoningFormat
+from moeserve.server.text.formats.reasoning_base import ReasoningFormat
 
 
 class ThinkFormat(ReasoningFormat):

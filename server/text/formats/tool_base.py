@@ -22,7 +22,7 @@ from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from server.text.formats.grammar_writer import GrammarWriter
+from moeserve.server.text.formats.grammar_writer import GrammarWriter
 
 logger = logging.getLogger(__name__)
 

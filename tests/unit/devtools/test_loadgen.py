@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from devtools import loadgen
-from devtools.loadgen import RequestResult, run_load, summarize
+from moeserve.devtools import loadgen
+from moeserve.devtools.loadgen import RequestResult, run_load, summarize
 from tests.live import free_port
 
 TTFT, GAP, CHUNKS, TEMPLATE = 0.2, 0.05, 6, 5

@@ -16,8 +16,8 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from models import bailing_moe, dbrx, glm4_moe, granitemoe, qwen2_moe
-from models.base import BaseModelArgs, CausalLM
+from moeserve.models import bailing_moe, dbrx, glm4_moe, granitemoe, qwen2_moe
+from moeserve.models.base import BaseModelArgs, CausalLM
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""models.base.attention_mask: which decode steps need an explicit mask."""
+"""moeserve.models.base.attention_mask: which decode steps need an explicit mask."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from models import base
-from models.cache import BatchKVCache, KVCache
-from models.loader import load_model
+from moeserve.models import base
+from moeserve.models.cache import BatchKVCache, KVCache
+from moeserve.models.loader import load_model
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "models" / "qwen2_moe_a" / "mlx"
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from models.bailing_moe import SparseMoeBlock
-from models.errors import ConfigError
-from models.quantize import quantize_model
+from moeserve.models.bailing_moe import SparseMoeBlock
+from moeserve.models.errors import ConfigError
+from moeserve.models.quantize import quantize_model
 from tests.unit.models.helpers import BAILING_MOE, assert_same, parameters, unstack_experts
 
 ROUTER = "model.layers.1.mlp.gate.gate_proj"

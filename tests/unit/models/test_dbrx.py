@@ -16,9 +16,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from models.dbrx import Model, ModelArgs
-from models.errors import CheckpointError, ConfigError
-from models.quantize import quantize_model
+from moeserve.models.dbrx import Model, ModelArgs
+from moeserve.models.errors import CheckpointError, ConfigError
+from moeserve.models.quantize import quantize_model
 from tests.unit.models.helpers import DBRX, assert_same, parameters
 
 TINY = DBRX.config

@@ -12,10 +12,10 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from models.errors import ConfigError
-from models.glm4_moe import MoE
-from models.layers.mlp import GatedMLP
-from models.quantize import quantize_model
+from moeserve.models.errors import ConfigError
+from moeserve.models.glm4_moe import MoE
+from moeserve.models.layers.mlp import GatedMLP
+from moeserve.models.quantize import quantize_model
 from tests.unit.models.helpers import GLM4_MOE, assert_same, parameters, unstack_experts
 
 E = GLM4_MOE.config["n_routed_experts"]  # routed experts in the tiny config

@@ -15,9 +15,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from models.errors import ConfigError
-from models.granitemoe import ModelArgs
-from models.quantize import quantize_model
+from moeserve.models.errors import ConfigError
+from moeserve.models.granitemoe import ModelArgs
+from moeserve.models.quantize import quantize_model
 from tests.unit.models.helpers import GRANITEMOE, assert_same, parameters
 
 TINY = GRANITEMOE.config

@@ -9,10 +9,15 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from models import load, load_model
-from models.convert import convert
-from models.errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedModelError
-from models.registry import supported_model_types
+from moeserve.models import load, load_model
+from moeserve.models.convert import convert
+from moeserve.models.errors import (
+    CheckpointError,
+    ConfigError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
+from moeserve.models.registry import supported_model_types
 from tests.helpers import FIXTURES
 
 SHARDED = FIXTURES / "qwen2_moe_a" / "hf"  # the fixture written as two shards + index

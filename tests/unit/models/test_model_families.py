@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from models.errors import ConfigError
+from moeserve.models.errors import ConfigError
 from tests.unit.models.helpers import FAMILIES, Family
 
 each_family = pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)

@@ -8,9 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from models import backend
-from models.backend import CpuBackend, experts
-from models.layers.moe import SwitchGLU, grouped_topk, softmax_topk, topk_softmax
+from moeserve.models import backend
+from moeserve.models.backend import CpuBackend, experts
+from moeserve.models.layers.moe import SwitchGLU, grouped_topk, softmax_topk, topk_softmax
 
 
 def _reference_glu(layer: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from models.errors import CheckpointError, ConfigError
-from models.layers.mlp import GatedMLP
-from models.quantize import quantize_model
-from models.qwen2_moe import SparseMoeBlock
+from moeserve.models.errors import CheckpointError, ConfigError
+from moeserve.models.layers.mlp import GatedMLP
+from moeserve.models.quantize import quantize_model
+from moeserve.models.qwen2_moe import SparseMoeBlock
 from tests.unit.models.helpers import QWEN2_MOE, assert_same, parameters, unstack_experts
 
 E = QWEN2_MOE.config["num_experts"]  # routed experts in the tiny config

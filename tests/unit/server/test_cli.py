@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from models.backend import is_cpu
-from server import cli
-from server.settings import resolve_dtype, unknown_env_vars
+from moeserve.models.backend import is_cpu
+from moeserve.server import cli
+from moeserve.server.settings import resolve_dtype, unknown_env_vars
 
 
 @pytest.fixture(autouse=True)

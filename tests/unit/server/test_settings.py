@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 from pydantic import ValidationError
 
-from server.settings import (
+from moeserve.server.settings import (
     DEFAULT_CONFIG,
     Settings,
     SettingsError,

@@ -18,13 +18,13 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-import models.loader as loader
-from models.backend import fast_math_in_use
-from models.backend.blas import blas_in_use
-from models.errors import ModelError
-from server import cli
-from server.settings import Settings, cli_flag, env_var
-from server.startup import (
+import moeserve.models.loader as loader
+from moeserve.models.backend import fast_math_in_use
+from moeserve.models.backend.blas import blas_in_use
+from moeserve.models.errors import ModelError
+from moeserve.server import cli
+from moeserve.server.settings import Settings, cli_flag, env_var
+from moeserve.server.startup import (
     apply_compute_settings,
     default_model_id,
     format_bytes,
@@ -55,7 +55,7 @@ def _clean_env(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def demo_dir(cache_dir: Path) -> Path:
-    from devtools.demo import demo_model_dir
+    from moeserve.devtools.demo import demo_model_dir
 
     return demo_model_dir()
 
@@ -239,10 +239,10 @@ def test_bad_flag_exits_2_with_one_line(
 @pytest.fixture
 def served_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Stand-ins for server.http.app.create_app and the uvicorn server, recording arguments."""
-    import server.http.drain
+    import moeserve.server.http.drain
 
     calls: dict[str, Any] = {}
-    app = types.ModuleType("server.http.app")
+    app = types.ModuleType("moeserve.server.http.app")
     the_app = types.SimpleNamespace(state=types.SimpleNamespace(drain="the-drain"))
 
     def create_app(settings: Settings) -> Any:
@@ -260,8 +260,8 @@ def served_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             calls["ran"] = True
 
     app.create_app = create_app  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "server.http.app", app)
-    monkeypatch.setattr(server.http.drain, "DrainingServer", Server)
+    monkeypatch.setitem(sys.modules, "moeserve.server.http.app", app)
+    monkeypatch.setattr(moeserve.server.http.drain, "DrainingServer", Server)
     calls["the_app"] = the_app
     return calls
 

@@ -1,12 +1,12 @@
-"""models.backend: the one place that asks which device MLX runs on, and the swap tests use."""
+"""moeserve.models.backend: the one place that asks which device MLX runs on, and the swap."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import pytest
 
-from models import backend
-from models.backend import Backend, CpuBackend
+from moeserve.models import backend
+from moeserve.models.backend import Backend, CpuBackend
 
 
 def test_the_device_picks_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,8 +14,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from models.backend import blas
-from models.backend.blas import blas_in_use, blas_path, forwarded_calls, gemv_forwarding
+from moeserve.models.backend import blas
+from moeserve.models.backend.blas import blas_in_use, blas_path, forwarded_calls, gemv_forwarding
 
 pytestmark = pytest.mark.skipif(
     forwarded_calls() is None, reason="gemv shim not loaded (no optimized BLAS or compiler)"

@@ -14,9 +14,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from models import backend
-from models.backend import Backend, CpuBackend, fastmath
-from models.loader import load_model
+from moeserve.models import backend
+from moeserve.models.backend import Backend, CpuBackend, fastmath
+from moeserve.models.loader import load_model
 
 FIXTURES = Path(__file__).resolve().parents[3] / "fixtures" / "models"
 

@@ -6,9 +6,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from models import backend
-from models.backend import CpuBackend, fastmath
-from models.layers.norm import RMSNorm
+from moeserve.models import backend
+from moeserve.models.backend import CpuBackend, fastmath
+from moeserve.models.layers.norm import RMSNorm
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from models import backend
-from models.backend import CpuBackend
-from models.backend.rope import RopeTables
-from models.cache import BatchKVCache, KVCache
-from models.layers.rope import RoPE, RopeConfig
-from models.loader import load_model
+from moeserve.models import backend
+from moeserve.models.backend import CpuBackend
+from moeserve.models.backend.rope import RopeTables
+from moeserve.models.cache import BatchKVCache, KVCache
+from moeserve.models.layers.rope import RoPE, RopeConfig
+from moeserve.models.loader import load_model
 from tests.helpers import FIXTURES
 
 CONFIGS = {

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from devtools.demo import CheckpointSpec, build_checkpoint
-from models import load
-from server.engine.engine import Engine, EngineDeadError
-from server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import QueueFullError, SchedulerConfig
-from server.text.tokenizer import Tokenizer
+from moeserve.devtools.demo import CheckpointSpec, build_checkpoint
+from moeserve.models import load
+from moeserve.server.engine.engine import Engine, EngineDeadError
+from moeserve.server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
+from moeserve.server.engine.sampling import SamplingParams
+from moeserve.server.engine.scheduler import QueueFullError, SchedulerConfig
+from moeserve.server.text.tokenizer import Tokenizer
 
 CHUNK = 16
 
@@ -287,7 +287,7 @@ def test_engine_death_fails_requests_and_reports_unhealthy(demo) -> None:
 
 
 def test_prompt_cache_reuse_is_exact_and_reported(demo) -> None:
-    from server.engine.prompt_cache import PromptCache, PromptCacheConfig
+    from moeserve.server.engine.prompt_cache import PromptCache, PromptCacheConfig
 
     model, tokenizer, _ = demo
     cold = _engine(demo)
@@ -376,8 +376,8 @@ def test_a_failure_in_one_requests_output_fails_only_that_request(demo) -> None:
 def test_callers_that_leave_before_their_turn_are_skipped(demo) -> None:
     import concurrent.futures
 
-    from server.engine.engine import Admit, Call
-    from server.engine.output import RequestOutput
+    from moeserve.server.engine.engine import Admit, Call
+    from moeserve.server.engine.output import RequestOutput
 
     model, tokenizer, _ = demo
     engine = Engine(model, tokenizer, SchedulerConfig(max_model_len=512))
@@ -414,7 +414,7 @@ class _BrokenCache:
     def lookup(self, scope, session, tokens):
         if self.fail_lookup:
             raise OSError("disk gone")
-        from server.engine.prompt_cache import Entry, Hit
+        from moeserve.server.engine.prompt_cache import Entry, Hit
 
         entry = Entry(session or "", list(tokens), [("not", "arrays")], 0, 0.0)
         return Hit(entry, len(tokens))  # restoring this KV fails
@@ -430,8 +430,8 @@ class _BrokenCache:
 
 
 def test_prompt_cache_failures_never_stop_the_engine(demo, tmp_path) -> None:
-    from server.engine import kv_io
-    from server.engine.prompt_cache import PromptCache, PromptCacheConfig
+    from moeserve.server.engine import kv_io
+    from moeserve.server.engine.prompt_cache import PromptCache, PromptCacheConfig
 
     model, tokenizer, _ = demo
     prompt = _prompts(tokenizer)[2]

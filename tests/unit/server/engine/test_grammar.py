@@ -16,17 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devtools.demo import CheckpointSpec, build_checkpoint
-from models import load
-from server.engine import grammar
-from server.engine.engine import Engine
-from server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
-from server.engine.grammar import Constraint, GrammarCompiler, GrammarError, allowed_mask
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import SchedulerConfig
-from server.text.formats.glm45 import Glm45Format
-from server.text.formats.qwen import QwenFormat
-from server.text.tokenizer import Tokenizer
+from moeserve.devtools.demo import CheckpointSpec, build_checkpoint
+from moeserve.models import load
+from moeserve.server.engine import grammar
+from moeserve.server.engine.engine import Engine
+from moeserve.server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
+from moeserve.server.engine.grammar import Constraint, GrammarCompiler, GrammarError, allowed_mask
+from moeserve.server.engine.sampling import SamplingParams
+from moeserve.server.engine.scheduler import SchedulerConfig
+from moeserve.server.text.formats.glm45 import Glm45Format
+from moeserve.server.text.formats.qwen import QwenFormat
+from moeserve.server.text.tokenizer import Tokenizer
 from tests.helpers import validate
 from tests.unit.server.text.formats.helpers import TOOLS, qwen_calls
 

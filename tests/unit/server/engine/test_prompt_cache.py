@@ -9,10 +9,10 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from server.engine import kv_io
-from server.engine.prompt_cache import PromptCache, PromptCacheConfig, common_prefix
-from server.engine.prompt_cache_disk import Writer, temp_path
-from server.engine.session_keys import belongs_to, check_key, prompt_entry_key, scope_of
+from moeserve.server.engine import kv_io
+from moeserve.server.engine.prompt_cache import PromptCache, PromptCacheConfig, common_prefix
+from moeserve.server.engine.prompt_cache_disk import Writer, temp_path
+from moeserve.server.engine.session_keys import belongs_to, check_key, prompt_entry_key, scope_of
 
 
 class Clock:

@@ -14,7 +14,7 @@ from collections import Counter
 import mlx.core as mx
 import pytest
 
-from server.engine.sampling import (
+from moeserve.server.engine.sampling import (
     MAX_TOP_LOGPROBS,
     SampleOutput,
     Sampler,
@@ -383,7 +383,7 @@ def test_bad_mask_shape_raises() -> None:
 def test_disabled_truncation_keeps_every_token() -> None:
     # Here float32 prefix sums reach 1.0 before the tail; top_p=1.0 must still drop nothing,
     # or a row's result would depend on whether a neighbour switched truncation on.
-    from server.engine.sampling import _truncate
+    from moeserve.server.engine.sampling import _truncate
 
     logits = mx.array([[0.0] + [-20.0] * (V - 1)] * 3)
     rows = [
@@ -402,7 +402,7 @@ def test_ties_at_the_cut_are_all_kept() -> None:
 
 
 def test_seeded_choices_of_one_request_differ_but_choice_zero_matches_n1() -> None:
-    from server.engine.sampling import row_key
+    from moeserve.server.engine.sampling import row_key
 
     keys = [row_key(7, 3, c).tolist() for c in range(4)]
     assert len({tuple(k) for k in keys}) == 4

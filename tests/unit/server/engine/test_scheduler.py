@@ -7,15 +7,15 @@ import math
 
 import pytest
 
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import (
+from moeserve.server.engine.sampling import SamplingParams
+from moeserve.server.engine.scheduler import (
     ContextLengthError,
     QueueFullError,
     Scheduler,
     SchedulerConfig,
     StepPlan,
 )
-from server.engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
+from moeserve.server.engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
 
 
 def make(rid: str, prompt_len: int, n: int = 1, max_tokens: int = 8, cached: int = 0):

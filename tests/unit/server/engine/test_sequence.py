@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.engine.sampling import SamplingParams
-from server.engine.sequence import FinishReason, Sequence, check_stop
+from moeserve.server.engine.sampling import SamplingParams
+from moeserve.server.engine.sequence import FinishReason, Sequence, check_stop
 
 EOS = frozenset({2, 9})
 

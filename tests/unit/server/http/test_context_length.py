@@ -16,15 +16,15 @@ from types import SimpleNamespace
 import pytest
 from tokenizers import normalizers
 
-from server.engine.scheduler import ContextLengthError
-from server.http.context_length import (
+from moeserve.server.engine.scheduler import ContextLengthError
+from moeserve.server.http.context_length import (
     check_prompt_bytes,
     completion_limit,
     from_engine,
     prompt_byte_limit,
 )
-from server.http.errors import APIError
-from server.text.tokenizer import Tokenizer
+from moeserve.server.http.errors import APIError
+from moeserve.server.text.tokenizer import Tokenizer
 
 PIECES = ["hello", " world", "你好", "🙂", "é", "\n", "  ", "token", "<think>", "x" * 7]
 

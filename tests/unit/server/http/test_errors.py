@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from server.http.errors import install_handlers
+from moeserve.server.http.errors import install_handlers
 
 
 def test_an_unexpected_exception_is_a_500_that_names_no_internals() -> None:

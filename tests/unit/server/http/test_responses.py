@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
-from server.http.errors import APIError
-from server.http.responses import (
+from moeserve.server.http.errors import APIError
+from moeserve.server.http.responses import (
     AssistantMessage,
     ChatChunkChoice,
     ChatCompletionChunk,

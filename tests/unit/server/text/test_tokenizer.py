@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from devtools.tokenizer_build import build_bpe_tokenizer, build_sentencepiece_style_tokenizer
-from server.text.tokenizer import CHATML_TEMPLATE, StopMatcher, TemplateError, Tokenizer
+from moeserve.devtools.tokenizer_build import (
+    build_bpe_tokenizer,
+    build_sentencepiece_style_tokenizer,
+)
+from moeserve.server.text.tokenizer import CHATML_TEMPLATE, StopMatcher, TemplateError, Tokenizer
 
 SAMPLE = "Hello, world!\n  Ça va? 你好世界 🙂🚀👍🏽 naïve <think>hmm</think> done."
 WORDS = ["the", " model", " server", "Hello", ",", ".", "\n", "  ", " 42", "-", "?"]

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from devtools.demo import CheckpointSpec, build_checkpoint
-from models import load
-from server.engine.engine import Engine
-from server.engine.scheduler import SchedulerConfig
-from server.text.tokenizer import Tokenizer
+from moeserve.devtools.demo import CheckpointSpec, build_checkpoint
+from moeserve.models import load
+from moeserve.server.engine.engine import Engine
+from moeserve.server.engine.scheduler import SchedulerConfig
+from moeserve.server.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")

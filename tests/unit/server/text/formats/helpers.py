@@ -16,12 +16,12 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from server.engine.engine import Engine
-from server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
-from server.engine.grammar import Constraint
-from server.engine.sampling import SamplingParams
-from server.text.formats import ContentDelta, ToolCallArgs, ToolCallStart, ToolFormat
-from server.text.tokenizer import Tokenizer
+from moeserve.server.engine.engine import Engine
+from moeserve.server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
+from moeserve.server.engine.grammar import Constraint
+from moeserve.server.engine.sampling import SamplingParams
+from moeserve.server.text.formats import ContentDelta, ToolCallArgs, ToolCallStart, ToolFormat
+from moeserve.server.text.tokenizer import Tokenizer
 
 Factory = Callable[[], ToolFormat]
 Result = tuple[list[tuple], list[tuple[str, str]]]

@@ -8,9 +8,9 @@ import typing
 
 import pytest
 
-from server.settings import DEFAULT_CONFIG, Settings
-from server.text.chat_template import CHATML_TEMPLATE
-from server.text.formats import (
+from moeserve.server.settings import DEFAULT_CONFIG, Settings
+from moeserve.server.text.chat_template import CHATML_TEMPLATE
+from moeserve.server.text.formats import (
     MARKERS,
     REASONING_FORMATS,
     TOOL_FORMAT_NAMES,
@@ -20,9 +20,9 @@ from server.text.formats import (
     reasoning_format,
     tool_format,
 )
-from server.text.formats.glm45 import Glm45Format
-from server.text.formats.qwen import QwenFormat
-from server.text.formats.think import ThinkFormat
+from moeserve.server.text.formats.glm45 import Glm45Format
+from moeserve.server.text.formats.qwen import QwenFormat
+from moeserve.server.text.formats.think import ThinkFormat
 from tests.unit.server.text.formats.helpers import content_of, one_shot_equals_every_chunking
 
 GLM_LIKE_TEMPLATE = (
@@ -105,7 +105,7 @@ def test_plain_text_is_content(fmt, text: str) -> None:
 
 
 def test_the_registry_takes_each_module_format_and_checks_its_kind() -> None:
-    from server.text import formats
+    from moeserve.server.text import formats
 
     assert formats.DEFAULT_TOOL_FORMAT in formats.TOOL_FORMAT_NAMES
     assert formats._registered(formats.ToolFormat, "qwen") == (formats.tool_format("qwen"),)

@@ -8,10 +8,10 @@ import re
 import pytest
 from tokenizers import AddedToken
 
-from server.engine.grammar import GrammarCompiler
-from server.text.formats import ContentDelta, ToolCallArgs
-from server.text.formats.glm45 import Glm45Format
-from server.text.tokenizer import Tokenizer
+from moeserve.server.engine.grammar import GrammarCompiler
+from moeserve.server.text.formats import ContentDelta, ToolCallArgs
+from moeserve.server.text.formats.glm45 import Glm45Format
+from moeserve.server.text.tokenizer import Tokenizer
 from tests.helpers import validate
 from tests.unit.server.text.formats.helpers import (
     SEEDS,

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from server.text.chat_template import CHATML_TEMPLATE, compile_chat_template
-from server.text.formats import ToolCallArgs, ToolCallStart, detect_tool_format
-from server.text.formats.hermes_parameters import HermesParametersFormat
+from moeserve.server.text.chat_template import CHATML_TEMPLATE, compile_chat_template
+from moeserve.server.text.formats import ToolCallArgs, ToolCallStart, detect_tool_format
+from moeserve.server.text.formats.hermes_parameters import HermesParametersFormat
 from tests.helpers import validate
 from tests.unit.server.text.formats.helpers import (
     SEEDS,

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from server.text.chat_template import CHATML_TEMPLATE, compile_chat_template
-from server.text.formats import ContentDelta, ToolCallArgs, ToolCallStart
-from server.text.formats.qwen import QwenFormat
+from moeserve.server.text.chat_template import CHATML_TEMPLATE, compile_chat_template
+from moeserve.server.text.formats import ContentDelta, ToolCallArgs, ToolCallStart
+from moeserve.server.text.formats.qwen import QwenFormat
 from tests.helpers import validate
 from tests.unit.server.text.formats.helpers import (
     SEEDS,

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from server.text.formats import detect_reasoning
-from server.text.formats.reasoning_base import ReasoningFormat
-from server.text.formats.think import ThinkFormat
+from moeserve.server.text.formats import detect_reasoning
+from moeserve.server.text.formats.reasoning_base import ReasoningFormat
+from moeserve.server.text.formats.think import ThinkFormat
 
 
 class BarThink(ReasoningFormat):
