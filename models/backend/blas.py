@@ -7,15 +7,17 @@ the process's global symbol scope *before* MLX's shared library is loaded is wha
 the same effect as ``LD_PRELOAD``, without asking the user to set it. After ``mlx.core`` is
 imported it is too late, so this runs first thing in ``models/backend/__init__.py``.
 
-Two OpenBLAS builds are used (bench/RESULTS.md, section 7, measures them):
+Two OpenBLAS builds are used (bench/RESULTS.md, section 9, measures them):
 
-* ``scipy-openblas32``, a pip dependency on Linux (OpenBLAS 0.3.34). Its symbols carry a
-  ``scipy_`` prefix, so it cannot stand in for MLX's BLAS by itself: a small C shim,
-  ``gemv_forward.c``, defines the three ``cblas_*gemm`` symbols and forwards them to it.
 * The system OpenBLAS (``apt-get install libopenblas0-pthread``), loaded globally as it is.
   Before 0.3.27 (Debian 12 has 0.3.21) OpenBLAS runs one-row products (every single-stream
   decode step) as general products that repack each weight matrix, 2-5x slower than its own
-  sgemv; the same shim sends them to ``cblas_sgemv``.
+  sgemv; the same shim sends them to ``cblas_sgemv``. Preferred when installed: it measured
+  faster at batch-1 decoding than the wheel.
+* ``scipy-openblas32``, a pip dependency on Linux (OpenBLAS 0.3.34). Its symbols carry a
+  ``scipy_`` prefix, so it cannot stand in for MLX's BLAS by itself: a small C shim,
+  ``gemv_forward.c``, defines the three ``cblas_*gemm`` symbols and forwards them to it. It
+  is what a machine without root gets.
 
 The shim is compiled once with the system C compiler into moeserve's cache directory
 (``MOESERVE_CACHE_DIR``, else ``~/.cache/moeserve``; the temp directory when neither is
@@ -26,7 +28,7 @@ A BLAS that is already in the process (``LD_PRELOAD``) wins over anything loaded
 detected, used as it is, and the startup line says what that costs.
 
 macOS uses Accelerate and Metal and is left alone. ``MOESERVE_BLAS`` selects: ``auto``
-(default: the wheel, else the system OpenBLAS), ``wheel``, ``system``, ``none`` (keep the
+(default: the system OpenBLAS, else the wheel), ``wheel``, ``system``, ``none`` (keep the
 bundled one), or a library path. ``MOESERVE_BLAS_GEMV=0`` turns the one-row rerouting off.
 """
 
@@ -307,8 +309,10 @@ def forwarded_calls() -> int | None:
 
 
 def _candidates(choice: str) -> list[str | None]:
-    if choice == "auto":  # the wheel first: it measured faster (bench/RESULTS.md, section 7)
-        return [_find_wheel(), _find_system()]
+    if choice == "auto":
+        # The system OpenBLAS first: with the shim it decodes faster than the wheel here
+        # (bench/RESULTS.md, section 9); the wheel is what every pip install has.
+        return [_find_system(), _find_wheel()]
     if choice == "wheel":
         return [_find_wheel()]
     if choice == "system":

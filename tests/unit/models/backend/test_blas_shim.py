@@ -1,13 +1,19 @@
 """The gemv shim (``models/backend/gemv_forward.c``): one-row and one-column products stay exact.
 
-MLX binds its ``cblas_sgemm`` to the shim when moeserve loads an optimized BLAS; these tests
-run only where that happened (Linux with OpenBLAS and a C compiler, as on CI). Each product
+MLX binds its ``cblas_sgemm`` to the shim when moeserve loads an optimized BLAS; the in-process
+tests run only where that happened (Linux with a C compiler, as on CI, where the BLAS is the
+scipy-openblas32 wheel). Each BLAS choice is then checked in its own process, since the choice
+is made before MLX loads, as are the startup wording and the ``LD_PRELOAD`` detection. Each product
 is checked against NumPy in float64, and the shim's counter proves the call really went
 through ``sgemv`` rather than the BLAS's general product.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,9 +23,10 @@ import pytest
 from moeserve.models.backend import blas
 from moeserve.models.backend.blas import blas_in_use, blas_path, forwarded_calls, gemv_forwarding
 
-pytestmark = pytest.mark.skipif(
+needs_shim = pytest.mark.skipif(
     forwarded_calls() is None, reason="gemv shim not loaded (no optimized BLAS or compiler)"
 )
+needs_compiler = pytest.mark.skipif(blas._compiler() is None, reason="no C compiler")
 
 RNG = np.random.default_rng(0)
 
@@ -34,6 +41,7 @@ def _check(result: mx.array, expected: np.ndarray, forwarded_before: int) -> Non
     assert forwarded_calls() > forwarded_before, "the product did not go through sgemv"
 
 
+@needs_shim
 def test_state_reports_the_shim() -> None:
     assert gemv_forwarding()
     assert Path(blas_path()).is_file()  # what bench/compare.py preloads into mlx_lm.server
@@ -41,6 +49,7 @@ def test_state_reports_the_shim() -> None:
     assert "sgemv" in blas_in_use()  # the startup line says the shim is in use
 
 
+@needs_shim
 @pytest.mark.parametrize("transpose_b", [False, True])
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize(
@@ -56,6 +65,7 @@ def test_one_row_and_one_column_products(shapes, transpose_a: bool, transpose_b:
     _check(ma @ mb, a.astype(np.float64) @ b, before)
 
 
+@needs_shim
 def test_addmm_keeps_beta_and_alpha() -> None:
     c, a, b = _rand(1, 24), _rand(1, 64), _rand(24, 64)
     before = forwarded_calls()
@@ -63,6 +73,7 @@ def test_addmm_keeps_beta_and_alpha() -> None:
     _check(out, 0.5 * (a.astype(np.float64) @ b.T) + 2.0 * c, before)
 
 
+@needs_shim
 def test_batched_and_gathered_one_row_products() -> None:
     x, w = _rand(3, 1, 64), _rand(5, 32, 64)
     before = forwarded_calls()
@@ -75,6 +86,7 @@ def test_batched_and_gathered_one_row_products() -> None:
     _check(got, expected, before)
 
 
+@needs_shim
 def test_output_buffer_garbage_is_ignored() -> None:
     """MLX hands the BLAS recycled buffers; with beta = 0 their old contents must not leak.
 
@@ -90,6 +102,7 @@ def test_output_buffer_garbage_is_ignored() -> None:
         _check(mx.array(a) @ mx.array(b), a.astype(np.float64) @ b, before)
 
 
+@needs_shim
 def test_larger_products_are_not_forwarded() -> None:
     a, b = _rand(2, 64), _rand(64, 16)
     before = forwarded_calls()
@@ -97,6 +110,7 @@ def test_larger_products_are_not_forwarded() -> None:
     assert forwarded_calls() == before
 
 
+@needs_shim
 def test_shim_is_built_once_into_the_cache_dir(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
     built = blas._build_shim()
@@ -111,3 +125,115 @@ def test_no_compiler_means_no_shim(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(blas.shutil, "which", lambda _name: None)
     assert blas._build_shim() is None
+
+
+# --- each BLAS choice in a fresh process ----------------------------------------------------
+
+_PRODUCTS = """
+import json
+import numpy as np
+from moeserve.models.backend import blas
+import mlx.core as mx
+
+rng = np.random.default_rng(0)
+a, b, c = (rng.standard_normal(s).astype(np.float32) for s in ((1, 96), (96, 40), (40, 96)))
+big = rng.standard_normal((64, 96)).astype(np.float32)
+before = blas.forwarded_calls() or 0
+cases = {
+    "row": (mx.array(a) @ mx.array(b), a.astype(np.float64) @ b),
+    "row_bt": (mx.array(a) @ mx.array(np.ascontiguousarray(b.T)).T, a.astype(np.float64) @ b),
+    "column": (mx.array(c) @ mx.array(a).T, c.astype(np.float64) @ a.T),
+    "general": (mx.array(big) @ mx.array(b), big.astype(np.float64) @ b),
+}
+errors = {k: float(np.abs(np.array(got) - want).max()) for k, (got, want) in cases.items()}
+print(json.dumps({
+    "blas": blas.blas_in_use(), "path": blas.blas_path(), "errors": errors,
+    "forwarded": (blas.forwarded_calls() or 0) - before, "warning": blas.blas_warning(),
+}))
+"""
+
+
+def _run(code: str, tmp_path: Path, **env: str) -> dict:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MOESERVE_BLAS")}
+    base.pop("LD_PRELOAD", None)
+    base["MOESERVE_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _wheel_or_skip() -> str:
+    path = blas._find_wheel()
+    if path is None:
+        pytest.skip("scipy-openblas32 is not installed")
+    return path
+
+
+@needs_compiler
+@pytest.mark.parametrize("gemv", ["1", "0"])
+def test_wheel_through_the_prefixed_symbols_matches_numpy(tmp_path, gemv: str) -> None:
+    """scipy-openblas32 exports only ``scipy_cblas_*``: MLX reaches it through the shim."""
+    path = _wheel_or_skip()
+    out = _run(_PRODUCTS, tmp_path, MOESERVE_BLAS="wheel", MOESERVE_BLAS_GEMV=gemv)
+    assert out["path"] == path and "OpenBLAS 0.3." in out["blas"]
+    assert max(out["errors"].values()) < 1e-3
+    # Three one-row/one-column products rerouted, the general one not; none with GEMV=0.
+    assert out["forwarded"] == (3 if gemv == "1" else 0)
+    assert ("sgemv" in out["blas"]) == (gemv == "1")
+    assert out["warning"] is None
+
+
+@needs_compiler
+def test_system_openblas_stays_an_option(tmp_path) -> None:
+    if blas._find_system() is None:
+        pytest.skip("no system OpenBLAS")
+    out = _run(_PRODUCTS, tmp_path, MOESERVE_BLAS="system")
+    assert out["path"] == blas._find_system() and "sgemv" in out["blas"]
+    assert max(out["errors"].values()) < 1e-3 and out["forwarded"] == 3
+
+
+def test_no_optimized_blas_says_so_with_the_fix(tmp_path) -> None:
+    out = _run(_PRODUCTS, tmp_path, MOESERVE_BLAS="/nonexistent/libopenblas.so.0")
+    assert out["path"] is None and max(out["errors"].values()) < 1e-3
+    assert out["blas"] == blas._REFERENCE
+    assert "25x slower" in out["blas"] and "pip install scipy-openblas32" in out["blas"]
+    assert out["warning"] == f"BLAS: {blas._REFERENCE}"  # logged as a warning at startup
+
+
+def test_wheel_without_a_compiler_says_why(tmp_path) -> None:
+    _wheel_or_skip()
+    # No cc, gcc or clang on PATH: the interpreter runs by its absolute path.
+    out = _run(_PRODUCTS, tmp_path, MOESERVE_BLAS="wheel", PATH=str(tmp_path), CC="")
+    assert out["path"] is None and out["blas"] == blas._NO_COMPILER
+    assert "C compiler" in out["warning"]
+
+
+def test_chosen_blas_is_not_reported_as_a_problem(tmp_path) -> None:
+    out = _run(_PRODUCTS, tmp_path, MOESERVE_BLAS="none")
+    assert "MOESERVE_BLAS=none" in out["blas"] and out["warning"] is None
+
+
+@needs_compiler
+def test_preloaded_blas_is_detected(tmp_path) -> None:
+    """Whatever ``LD_PRELOAD`` brings wins over the shim: the startup line must say so.
+
+    The shim itself stands in for a preloaded CBLAS (it exports ``cblas_sgemm``); nothing is
+    multiplied, since nothing bound it to a BLAS.
+    """
+    shim = blas._build_shim()
+    assert shim is not None
+    code = (
+        "import json\nfrom moeserve.models.backend import blas\n"
+        "print(json.dumps({'blas': blas.blas_in_use(), 'path': blas.blas_path(),"
+        " 'warning': blas.blas_warning(), 'gemv': blas.gemv_forwarding()}))"
+    )
+    out = _run(code, tmp_path, LD_PRELOAD=str(shim))
+    assert out["path"] == str(shim) and not out["gemv"]
+    assert "LD_PRELOAD" in out["blas"] and "unset LD_PRELOAD" in out["blas"]
+    assert "LD_PRELOAD" in out["warning"]
