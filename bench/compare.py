@@ -60,7 +60,7 @@ from typing import Any
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.serverproc import ServerProcess, free_port, moeserve_command
 from moeserve.devtools.loadgen import run_load
-from moeserve.models.backend.blas import blas_path
+from moeserve.models.backend.blas import blas_path, preloadable
 
 MLX_LM_MODEL = "default_model"  # mlx_lm.server's name for the model given by --model
 MB = 1 << 20
@@ -338,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = parse_args(argv)
     MLX_LM_BLAS["mode"] = args.mlx_lm_blas
+    if args.mlx_lm_blas == "same" and blas_path() is not None and not preloadable():
+        # The scipy-openblas32 wheel's symbols are prefixed: LD_PRELOAD would silently leave
+        # mlx_lm.server on the reference BLAS.
+        raise SystemExit("--mlx-lm-blas same needs a system OpenBLAS (MOESERVE_BLAS=system)")
     ensure_checkpoint(args.model)
     check_serve_command()
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="moeserve-compare-"))
