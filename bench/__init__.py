@@ -1,6 +1,6 @@
 """Benchmarks: checkpoints, load generators and comparisons (see bench/RESULTS.md).
 
-Importing ``models`` first lets it choose the BLAS before any benchmark imports ``mlx.core``.
+Importing ``moeserve.models`` first lets it choose the BLAS before a benchmark imports MLX.
 """
 
 import moeserve.models  # noqa: F401

@@ -22,11 +22,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
+from bench.timing import median_seconds
 
 # name -> (MOESERVE_BLAS, MOESERVE_BLAS_GEMV)
 VARIANTS = {
@@ -39,15 +39,8 @@ VARIANTS = {
 FIGURES = ("decode_b1_ms", "decode_b16_ms", "prefill512_ms", "sgemm_gflops", "row_gbs")
 
 
-def _median_s(fn: Callable[[], object], repeat: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _median_3(fn: Callable[[], object], repeat: int) -> float:
+    return median_seconds(fn, repeat, warmup=3)
 
 
 def _worker(model_dir: Path, quick: bool) -> None:
@@ -64,20 +57,20 @@ def _worker(model_dir: Path, quick: bool) -> None:
     x = mx.random.normal((1, 512), key=key)
     ws = [mx.random.normal((512, 4096), key=mx.random.key(i)) for i in range(8)]
     mx.eval(a, w, x, *ws)
-    seconds = _median_s(lambda: mx.eval(a @ w), 10 if quick else 20)
+    seconds = _median_3(lambda: mx.eval(a @ w), 10 if quick else 20)
     out["sgemm_gflops"] = 2 * 512 * 512 * 4096 / seconds / 1e9
-    seconds = _median_s(lambda: mx.eval([x @ m for m in ws]), 20)  # 8 weights: from memory
+    seconds = _median_3(lambda: mx.eval([x @ m for m in ws]), 20)  # 8 weights: from memory
     out["row_gbs"] = 8 * 512 * 4096 * 4 / seconds / 1e9
     if not quick:
         model, _ = load_model(model_dir, "float32")
         for rows in (1, 16):
-            out[f"decode_b{rows}_ms"] = _median_s(decode_step(model, rows), 30) * 1000
+            out[f"decode_b{rows}_ms"] = _median_3(decode_step(model, rows), 30) * 1000
         prompt = mx.random.randint(0, 4000, (1, 512), key=key)
 
         def prefill() -> None:
             mx.eval(model(prompt, cache=model.make_cache()))
 
-        out["prefill512_ms"] = _median_s(prefill, 5) * 1000
+        out["prefill512_ms"] = _median_3(prefill, 5) * 1000
     print(json.dumps(out))
 
 

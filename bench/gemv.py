@@ -23,7 +23,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.step_profile import decode_step
+from bench.timing import median_seconds
 from moeserve.models.backend.blas import blas_path, gemv_forwarding
 from moeserve.models.loader import load_model
 
@@ -38,14 +38,7 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
 def _median_us(fn: Callable[[], object], repeat: int = 100) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return median_seconds(fn, repeat, warmup=5) * 1e6
 
 
 def blas_table() -> None:
