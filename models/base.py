@@ -25,13 +25,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from moeserve.models import backend
-from moeserve.models.cache import BatchKVCache, KVCache
+from moeserve.models.cache import CacheKind, CacheLayout, CacheStore, SequenceCache, StepCache
 from moeserve.models.errors import ConfigError
 from moeserve.models.layers.rope import RopeConfig, rope_config_from
 from moeserve.models.quantize import QuantOverride
 
-# One layer's cache in a forward pass: a sequence's own, or the left-padded decode batch's.
-LayerCache = KVCache | BatchKVCache
+# The ``cache`` of a forward pass: the engine's per-pass views of its store, or one
+# sequence's own cache (which makes those views for each call).
+ModelCache = StepCache | SequenceCache
 
 
 @dataclasses.dataclass
@@ -110,20 +111,21 @@ class LanguageModel(Protocol):
     """The model protocol that ``server/`` relies on, and nothing more.
 
     ``model(tokens, cache)`` maps int32 tokens ``[batch, length]`` to logits
-    ``[batch, length, vocab]``; ``cache`` holds one KV cache per layer, as returned by
-    ``make_cache()`` (or those of several sequences merged into ``BatchKVCache``s), or is
-    ``None`` for a stateless forward pass. ``last_only=True`` asks for the last position's
+    ``[batch, length, vocab]``; ``cache`` is one sequence's cache from ``make_cache()``, the
+    per-layer views of the engine's ``CacheStore`` for the rows of this pass, or ``None`` for
+    a stateless forward pass. ``cache_kinds()`` says what each layer keeps.
+    ``last_only=True`` asks for the last position's
     logits alone (what a prefill samples from).
     """
 
     def __call__(
-        self, inputs: mx.array, cache: Sequence[LayerCache] | None = None, last_only: bool = False
+        self, inputs: mx.array, cache: ModelCache | None = None, last_only: bool = False
     ) -> mx.array:
         """Run a forward pass.
 
         Args:
             inputs: Token ids, int32 ``[batch, length]``.
-            cache: One KV cache per layer, or ``None``.
+            cache: The pass's cache views, one sequence's cache, or ``None``.
             last_only: Compute logits for the last position only.
 
         Returns:
@@ -131,38 +133,26 @@ class LanguageModel(Protocol):
         """
         ...
 
-    def make_cache(self) -> list[KVCache]:
-        """Return fresh, empty per-layer KV caches for one sequence."""
+    def make_cache(self) -> SequenceCache:
+        """Return a fresh, empty cache for one sequence."""
+        ...
+
+    def cache_kinds(self) -> list[CacheKind]:
+        """What each decoder layer keeps in the cache."""
+        ...
+
+    def cache_layout(self, dtype: mx.Dtype | None = None) -> CacheLayout:
+        """The kinds grouped and costed (``models.cache.CacheLayout``)."""
+        ...
+
+    def cache_dtype(self) -> mx.Dtype:
+        """The element type of the model's cache state."""
         ...
 
     @property
     def layers(self) -> list[nn.Module]:
         """The decoder layers, one KV cache each."""
         ...
-
-
-def attention_mask(length: int, cache: LayerCache | None) -> mx.array | str | None:
-    """The mask for ``length`` new query tokens attending to ``cache`` plus themselves.
-
-    A cache that holds rows of different lengths (``BatchKVCache``) builds its own boolean
-    mask; otherwise the fused kernel's bottom-right-aligned ``"causal"`` mode is exact and
-    cheaper than materialising an array, and one new token needs no mask at all.
-
-    Args:
-        length: Number of new tokens in this forward pass.
-        cache: The first layer's cache, or ``None``.
-
-    Returns:
-        ``None``, the string ``"causal"``, or a boolean array broadcastable to
-        ``[batch, heads, length, cached + length]``.
-    """
-    if isinstance(cache, BatchKVCache):
-        if length == 1 and not any(cache.left_padding):
-            # One new token per row and no padding (e.g. a lone stream): it sees every cached
-            # position, and skipping the mask saves its construction and a select per layer.
-            return None
-        return cache.make_mask(length)
-    return "causal" if length > 1 else None
 
 
 @dataclass(frozen=True)
@@ -208,12 +198,12 @@ class DecoderStack(nn.Module):
         """The decoder layers, one KV cache each."""
         return self[self.names.layers]
 
-    def __call__(self, inputs: mx.array, cache: Sequence[LayerCache] | None = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: ModelCache | None = None) -> mx.array:
         """Map token ids ``[B, L]`` to final hidden states ``[B, L, M]``.
 
         Args:
             inputs: Token ids.
-            cache: One KV cache per layer, or None for a stateless pass.
+            cache: The pass's cache views, one sequence's cache, or None (stateless).
 
         Returns:
             Normalised hidden states.
@@ -222,11 +212,14 @@ class DecoderStack(nn.Module):
         if self.embedding_scale is not None:
             h = h * self.embedding_scale
         layers = self.decoder_layers()
-        caches = cache if cache is not None else [None] * len(layers)
-        mask = attention_mask(h.shape[1], caches[0])
+        if isinstance(cache, SequenceCache):
+            cache = cache.begin(*inputs.shape)
+        caches: Sequence[Any] = cache if cache is not None else [None] * len(layers)
+        stateless = "causal" if h.shape[1] > 1 else None
         with backend.forward_pass():  # one set of positions for every layer (RoPE tables)
-            for layer, layer_cache in zip(layers, caches):
-                h = layer(h, mask, layer_cache)
+            for layer, view in zip(layers, caches):
+                # Each group of layers has its own mask (full, or one sliding window).
+                h = layer(h, view.mask if view is not None else stateless, view)
         return self[self.names.norm](h)
 
 
@@ -278,13 +271,13 @@ class CausalLM(nn.Module):
         return self.stack.decoder_layers()
 
     def __call__(
-        self, inputs: mx.array, cache: Sequence[LayerCache] | None = None, last_only: bool = False
+        self, inputs: mx.array, cache: ModelCache | None = None, last_only: bool = False
     ) -> mx.array:
         """Compute next-token logits.
 
         Args:
             inputs: Token ids, int32 ``[B, L]``.
-            cache: One KV cache per layer (from ``make_cache``), or None.
+            cache: The pass's cache views, one sequence's cache (``make_cache``), or None.
             last_only: Logits for the last position only (``L`` = 1 in the result).
 
         Returns:
@@ -308,13 +301,51 @@ class CausalLM(nn.Module):
             return self.lm_head(h)
         return self.stack.embedding.as_linear(h)  # tied: the head is the embedding
 
-    def make_cache(self) -> list[KVCache]:
-        """Fresh, empty per-layer caches for one sequence.
+    def cache_kinds(self) -> list[CacheKind]:
+        """What each decoder layer keeps: the kind its attention (or mixer) declares.
+
+        Every layer holds one module with a ``cache_kind()`` method (``Attention``, or a
+        family's own mixer); the first one found in the layer is asked.
 
         Returns:
-            One ``KVCache`` per decoder layer.
+            One kind per decoder layer.
         """
-        return [KVCache() for _ in self.layers]
+        kinds = []
+        for i, layer in enumerate(self.layers):
+            owners = [m for m in layer.modules() if hasattr(m, "cache_kind")]
+            if not owners:
+                raise TypeError(f"decoder layer {i} has no module declaring a cache kind")
+            kinds.append(owners[0].cache_kind())
+        return kinds
+
+    def cache_layout(self, dtype: mx.Dtype | None = None) -> CacheLayout:
+        """The grouped kinds, costed in ``dtype`` (default: the embedding's dtype).
+
+        Args:
+            dtype: Element type of the cache.
+
+        Returns:
+            The layout.
+        """
+        return CacheLayout(self.cache_kinds(), (dtype or self.cache_dtype()).size)
+
+    def cache_dtype(self) -> mx.Dtype:
+        """The dtype the layers' activations (and so their caches) have: the embedding's.
+
+        Returns:
+            The dtype (a quantized embedding's scales say it).
+        """
+        embedding = self.stack.embedding
+        dtype = embedding.weight.dtype
+        return dtype if mx.issubdtype(dtype, mx.floating) else embedding.scales.dtype
+
+    def make_cache(self) -> SequenceCache:
+        """A fresh, empty cache for one sequence (a store of one row).
+
+        Returns:
+            The cache; pass it to every call of the sequence.
+        """
+        return SequenceCache(CacheStore(self.cache_layout(), self.cache_dtype()))
 
     def cast_predicate(self, name: str) -> bool:
         """Whether tensor ``name`` may be cast to the serving dtype.

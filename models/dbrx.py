@@ -137,7 +137,7 @@ class NormAttnNorm(nn.Module):
 
         Args:
             x: Residual stream ``[B, L, M]``.
-            mask: From ``models.base.attention_mask``.
+            mask: The cache view's mask (see ``models.cache.views``).
             cache: This layer's KV cache, or ``None``.
 
         Returns:
@@ -194,7 +194,7 @@ class DecoderLayer(nn.Module):
 
         Args:
             x: ``[B, L, M]``.
-            mask: From ``models.base.attention_mask``.
+            mask: The cache view's mask (see ``models.cache.views``).
             cache: This layer's KV cache, or ``None``.
 
         Returns:

@@ -127,9 +127,11 @@ def kernels() -> str:
     return current().kernels()
 
 
-def sdpa(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: Any) -> mx.array:
+def sdpa(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: Any, sinks: Any = None
+) -> mx.array:
     """Scaled dot-product attention (``Backend.sdpa``): ``[B, H, L, D]``."""
-    return current().sdpa(q, k, v, scale=scale, mask=mask)
+    return current().sdpa(q, k, v, scale=scale, mask=mask, sinks=sinks)
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:

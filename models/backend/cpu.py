@@ -69,11 +69,18 @@ class CpuBackend(Backend):
         return fastmath.exp(x, shift) if self._worthwhile(x.size) else mx.exp(x - shift)
 
     def sdpa(
-        self, q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: mx.array | str | None
+        self,
+        q: mx.array,
+        k: mx.array,
+        v: mx.array,
+        *,
+        scale: float,
+        mask: mx.array | str | None,
+        sinks: mx.array | None = None,
     ) -> mx.array:
         """Same contract as ``Backend.sdpa``; decode steps and causal chunks are done here."""
         B, H, L, _ = q.shape
-        if self._worthwhile(B * H * L * k.shape[2]):
+        if sinks is None and self._worthwhile(B * H * L * k.shape[2]):
             if L > 1 and isinstance(mask, str) and mask == "causal":
                 return cpu_attention.causal_blocks(
                     q, k, v, scale=scale, exp=self._exp, block_scores=self.block_scores
@@ -82,7 +89,7 @@ class CpuBackend(Backend):
             # masks, go to MLX.
             if L == 1 and (not isinstance(mask, mx.array) or mask.dtype == mx.bool_):
                 return cpu_attention.decode(q, k, v, scale=scale, mask=mask)
-        return super().sdpa(q, k, v, scale=scale, mask=mask)
+        return super().sdpa(q, k, v, scale=scale, mask=mask, sinks=sinks)
 
     def swiglu(self, gate: mx.array, up: mx.array) -> mx.array:
         """Same contract as ``Backend.swiglu``."""

@@ -28,7 +28,14 @@ class Backend:
     name = "mlx"
 
     def sdpa(
-        self, q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: mx.array | str | None
+        self,
+        q: mx.array,
+        k: mx.array,
+        v: mx.array,
+        *,
+        scale: float,
+        mask: mx.array | str | None,
+        sinks: mx.array | None = None,
     ) -> mx.array:
         """Scaled dot-product attention with grouped-query heads.
 
@@ -40,10 +47,15 @@ class Backend:
             mask: None, ``"causal"`` (bottom-right aligned: query i sees keys
                 ``<= S - L + i``), or a boolean array broadcastable to ``[B, H or 1, L, S]``
                 (True = may attend).
+            sinks: Optional ``[H]`` logits that join each softmax without a value (gpt-oss).
 
         Returns:
             ``[B, H, L, D]``.
         """
+        if sinks is not None:
+            return mx.fast.scaled_dot_product_attention(
+                q, k, v, scale=scale, mask=mask, sinks=sinks.astype(q.dtype)
+            )
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
     def swiglu(self, gate: mx.array, up: mx.array) -> mx.array:

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from moeserve.models import backend
+from moeserve.models.cache import CacheKind, Full, Sliding
 from moeserve.models.layers.norm import RMSNorm
 from moeserve.models.layers.rope import RoPE, RopeConfig
 
@@ -50,6 +51,8 @@ class AttentionConfig:
     qk_norm_eps: float | None = None  # RMSNorm q and k per head when set
     clip_qkv: float | None = None  # DBRX: clamp projected q/k/v to [-c, c] (training stabiliser)
     scale: float | None = None  # softmax scale; default 1/sqrt(D) (Granite sets its own)
+    sliding_window: int | None = None  # attend to the last N positions only (gpt-oss, Gemma)
+    sinks: bool = False  # a learned per-head logit in every softmax's denominator (gpt-oss)
     names: AttentionNames = AttentionNames()
 
 
@@ -94,6 +97,21 @@ class Attention(nn.Module):
             setattr(self, n.q_norm, RMSNorm(D, eps=cfg.qk_norm_eps))
             setattr(self, n.k_norm, RMSNorm(D, eps=cfg.qk_norm_eps))
         self.rope = RoPE(D, cfg.rope)
+        if cfg.sinks:
+            # One logit per head that competes in the softmax without contributing a value:
+            # a head may attend to "nothing" (gpt-oss; arXiv:2309.17453 keeps real tokens).
+            self.sinks = mx.zeros((H,))
+
+    def cache_kind(self) -> CacheKind:
+        """What this layer keeps per position: every key and value, or the last window's.
+
+        Returns:
+            ``Full`` or ``Sliding``.
+        """
+        c = self.cfg
+        if c.sliding_window is not None:
+            return Sliding(c.num_kv_heads, c.head_dim, sliding_window=c.sliding_window)
+        return Full(c.num_kv_heads, c.head_dim)
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Queries ``[B, L, H*D]``, keys and values ``[B, L, K*D]``."""
@@ -114,8 +132,8 @@ class Attention(nn.Module):
 
         Args:
             x: Normalised hidden states.
-            mask: From ``models.base.attention_mask``.
-            cache: This layer's KV cache, or ``None`` for a stateless pass.
+            mask: The cache view's mask (or ``"causal"``/None for a stateless pass).
+            cache: This layer's cache view (``models.cache.LayerView``), or ``None``.
 
         Returns:
             ``[B, L, M]``.
@@ -133,6 +151,16 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, K, S, D]
-        out = backend.sdpa(q, k, v, scale=self.scale, mask=mask)  # [B, H, L, D]
+        if cache is None and c.sliding_window is not None and L > 1:
+            mask = _window_mask(L, c.sliding_window)
+        sinks = self.sinks if c.sinks else None
+        out = backend.sdpa(q, k, v, scale=self.scale, mask=mask, sinks=sinks)  # [B, H, L, D]
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, H*D]
         return getattr(self, n.o)(out)
+
+
+def _window_mask(length: int, window: int) -> mx.array:
+    """Causal and within ``window``, for a stateless pass: boolean ``[L, L]``."""
+    pos = mx.arange(length)
+    diff = pos[:, None] - pos[None]
+    return (diff >= 0) & (diff < window)

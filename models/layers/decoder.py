@@ -68,7 +68,7 @@ class PreNormDecoderLayer(nn.Module):
 
         Args:
             x: Hidden states ``[B, L, M]``.
-            mask: From ``models.base.attention_mask``.
+            mask: The cache view's mask (see ``models.cache.views``).
             cache: This layer's KV cache, or None.
 
         Returns:

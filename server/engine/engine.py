@@ -41,13 +41,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from moeserve.models.base import LanguageModel
-from moeserve.server.engine import kv_io
 from moeserve.server.engine.events import ErrorEvent, Event, FinishEvent, GenerationRequest
 from moeserve.server.engine.grammar import GrammarCompiler, Matcher
 from moeserve.server.engine.output import OutputProcessor, RequestOutput
 from moeserve.server.engine.prompt_cache import Hit, PromptCache
 from moeserve.server.engine.runner import Runner
-from moeserve.server.engine.scheduler import Scheduler, SchedulerConfig
+from moeserve.server.engine.scheduler import KVBudget, Scheduler, SchedulerConfig
 from moeserve.server.engine.sequence import Sequence
 from moeserve.server.text.tokenizer import Tokenizer
 
@@ -111,6 +110,7 @@ class Engine:
         tokenizer: The model's tokenizer.
         config: Scheduler limits.
         prompt_cache: Sessions' KV caches, reused across turns.
+        kv_cache_max_bytes: Bound on running sequences' cache memory (None: only the count).
         grammar: Compiles constraints (``engine.grammar.json_schema(...)`` from any thread);
             one for ``tokenizer`` is made when not given.
     """
@@ -122,19 +122,25 @@ class Engine:
         config: SchedulerConfig,
         prompt_cache: PromptCache | None = None,
         grammar: GrammarCompiler | None = None,
+        kv_cache_max_bytes: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.grammar = grammar or GrammarCompiler(tokenizer)
         self.prompt_cache = prompt_cache
         self.config = config
-        self.scheduler = Scheduler(config)
-        self.runner = Runner(model)
+        self.runner = Runner(model, max_bytes=kv_cache_max_bytes)
+        budget = None
+        if kv_cache_max_bytes is not None:
+            budget = KVBudget(self.runner.store.layout, kv_cache_max_bytes)
+        self.scheduler = Scheduler(config, budget)
         self.output = OutputProcessor(tokenizer, self.scheduler, self._remember)
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
         self.prompt_cache_bytes = 0
+        self.kv_cache_bytes = 0  # published after each step (plain ints, for other threads)
+        self.kv_cache_tokens = 0
         self.steps = 0
 
     # ----- asyncio side ---------------------------------------------------------------------
@@ -249,12 +255,16 @@ class Engine:
         """Queue sizes and prompt-cache memory for health and metrics (approximate, lock-free).
 
         Returns:
-            ``{"running": ..., "waiting": ..., "prompt_cache_bytes": ...}``.
+            ``running``, ``waiting``, ``prompt_cache_bytes``, ``kv_cache_bytes`` (allocated for
+            running sequences), ``kv_cache_tokens`` (positions they hold) and ``preemptions``.
         """
         return {
             "running": self.scheduler.num_running,
             "waiting": self.scheduler.num_waiting,
             "prompt_cache_bytes": self.prompt_cache_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "kv_cache_tokens": self.kv_cache_tokens,
+            "preemptions": self.scheduler.preemptions,
         }
 
     # ----- engine thread --------------------------------------------------------------------
@@ -279,6 +289,8 @@ class Engine:
         changed = self.scheduler.update(plan, result.tokens())
         self.output.process(changed, result.samples)
         self._collect(plan.released)
+        self.kv_cache_bytes = self.runner.store.nbytes
+        self.kv_cache_tokens = self.runner.store.tokens
         self.steps += 1
 
     def _collect(self, released: list[Sequence]) -> None:
@@ -337,13 +349,17 @@ class Engine:
                 for i in range(req.n)
             ]
             hit = self._lookup(req)
+            reuse = 0
+            if hit is not None:  # what this model's cache kinds can resume, below the prompt
+                shared = min(hit.length, len(req.prompt_ids) - 1)
+                reuse = self.runner.store.usable_length(hit.entry.kv, shared)
             for seq in seqs:
-                seq.num_cached = hit.length if hit else 0
-            self.scheduler.add(seqs)  # caps num_cached below the prompt length
+                seq.num_cached = reuse
+            self.scheduler.add(seqs)
             queued = True
             for seq in seqs:
                 if seq.num_cached:
-                    self.runner.adopt_prefix(seq, kv_io.restore(hit.entry.kv, seq.num_cached))
+                    self.runner.adopt_prefix(seq, hit.entry.kv)
             self.output.add(client, seqs)
         except Exception as e:  # refused: the caller raises it as the matching HTTP error
             if queued:  # its sequences leave (and free runner state) at the next step
@@ -383,13 +399,14 @@ class Engine:
         """Store a finished sequence's KV for its session's next turn (choice 0 only)."""
         if self.prompt_cache is None or seq.index != 0:
             return
-        caches = self.runner.caches_of(seq.seq_id)
-        if not caches or caches[0].offset == 0:
-            return
         try:
-            kv, nbytes = kv_io.snapshot(caches)
-            tokens = seq.all_ids[: caches[0].offset]
-            self.prompt_cache.store(request.cache_scope, request.session_key, tokens, kv, nbytes)
+            snap = self.runner.snapshot(seq.seq_id)
+            if snap is None:
+                return
+            tokens = seq.all_ids[: snap.length]
+            self.prompt_cache.store(
+                request.cache_scope, request.session_key, tokens, snap, snap.nbytes
+            )
         except Exception:  # the output is complete; only the next turn's reuse is lost
             logger.exception("prompt-cache store failed for %s", request.request_id)
 

@@ -28,8 +28,9 @@ listed by ``sessions``, and kept until deleted; a file for another model, or a t
 corrupt one, is skipped with a warning; hidden leftovers of interrupted writes are removed at
 startup. Anonymous entries stay in memory.
 
-The KV payload is opaque here: the engine hands in and takes out per-layer ``(keys, values)``
-arrays, and ``encode`` (the engine's) turns them into plain bytes for the writer. Everything
+The cache payload is opaque here: the engine hands in and takes out snapshots
+(``models.cache.Snapshot``), decides how much of an entry's prefix its cache kinds can
+resume, and ``encode`` (the engine's) turns them into plain bytes for the writer. Everything
 but the writer thread runs on the engine thread; nothing here is thread-safe on its own.
 """
 
@@ -53,7 +54,7 @@ from moeserve.server.engine.session_keys import belongs_to, digest, tenant_of
 
 logger = logging.getLogger(__name__)
 
-KV = list[tuple[Any, Any]]  # per layer (keys [1, H, S, D], values [1, H, S, D])
+KV = Any  # the engine's snapshot of one row (models.cache.Snapshot); opaque here
 EntryId = tuple[str, str, int]  # (scope, session key or "", anonymous number or 0)
 SHUTDOWN_FLUSH_SECONDS = 30.0
 

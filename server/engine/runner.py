@@ -1,9 +1,10 @@
 """Executes a ``StepPlan`` on the model: chunked prefill, batched decode, sampling.
 
-The runner owns every KV cache of running sequences. A sequence being prefilled has its own
-per-layer ``KVCache``; when its prompt is done it joins the decode batch, one set of
-left-padded ``BatchKVCache`` shared by all decoding rows. Sequences join and leave the batch
-between steps without recomputing anyone else.
+The runner owns the ``CacheStore`` that holds every running sequence's cache state (blocks
+and slots, per cache kind: ``models/cache``). A prefill chunk is a pass over one row; when
+its prompt is done the row joins the decode batch, which is only a list of rows: joining or
+leaving touches that row's blocks alone. A preempted sequence's state is freed like a
+finished one's; the scheduler has it recompute later.
 
 It knows token ids, logits and caches; it does not know text, stop strings, HTTP or policy
 (the scheduler decides who runs). Its only host synchronisation per step is the sampler's
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from moeserve.models.base import LanguageModel
-from moeserve.models.cache import BatchKVCache, KVCache
+from moeserve.models.cache import CacheStore, Snapshot, StepCache
 from moeserve.server.engine.grammar import allowed_mask
 from moeserve.server.engine.sampling import Sampler, TokenSample
 from moeserve.server.engine.scheduler import StepPlan
@@ -52,14 +53,19 @@ class Runner:
     Args:
         model: Any model of the model protocol.
         sampler: The batched sampler.
+        max_bytes: The KV budget; the store's spare capacity never grows past it.
     """
 
-    def __init__(self, model: LanguageModel, sampler: Sampler | None = None) -> None:
+    def __init__(
+        self, model: LanguageModel, sampler: Sampler | None = None, max_bytes: int | None = None
+    ) -> None:
         self.model = model
         self.sampler = sampler or Sampler()
-        self._prefill: dict[str, list[KVCache]] = {}  # seq_id -> per-layer cache
+        self.store = CacheStore(model.cache_layout(), model.cache_dtype(), max_bytes)
         self._rows: list[str] = []  # decode batch row order (seq ids)
-        self._batch: list[BatchKVCache] | None = None  # per-layer batched cache
+        # Recurrent states at the end of each prompt: exact there only, so the prompt cache
+        # can resume a later turn from that boundary (seq_id -> (position, states)).
+        self._prompt_ends: dict[str, tuple[int, list]] = {}
         self.max_batch_seen = 0  # largest decode batch so far (tests and stats)
 
     @property
@@ -67,30 +73,32 @@ class Runner:
         """Rows in the decode batch."""
         return len(self._rows)
 
-    def adopt_prefix(self, seq: Sequence, cache: list[KVCache]) -> None:
+    def adopt_prefix(self, seq: Sequence, snap: Snapshot) -> None:
         """Start ``seq``'s prefill from a reused prompt-cache prefix.
 
         Args:
-            seq: A sequence whose ``num_computed`` equals the prefix length.
-            cache: Per-layer caches holding exactly that prefix (owned by the runner now).
+            seq: A sequence whose ``num_computed`` is a usable length of ``snap``.
+            snap: The prompt-cache entry's state (copied into the store; never modified).
         """
-        self._prefill[seq.seq_id] = cache
+        self.store.adopt(seq.seq_id, snap, seq.num_computed)
 
-    def caches_of(self, seq_id: str) -> list[KVCache] | None:
-        """A sequence's current per-layer caches (views; copy before keeping them).
+    def snapshot(self, seq_id: str) -> Snapshot | None:
+        """A copy of a sequence's cache state, with its prompt-end recurrent state.
 
         Args:
             seq_id: The sequence.
 
         Returns:
-            The caches, or None if the runner holds nothing for it.
+            The snapshot, or None if the runner holds nothing for it.
         """
-        if seq_id in self._prefill:
-            return self._prefill[seq_id]
-        if seq_id in self._rows and self._batch is not None:
-            row = self._rows.index(seq_id)
-            return [layer.extract(row) for layer in self._batch]
-        return None
+        if seq_id not in self.store.rows or self.store.rows[seq_id].length == 0:
+            return None
+        snap = self.store.snapshot(seq_id)
+        if seq_id in self._prompt_ends:
+            position, states = self._prompt_ends[seq_id]
+            if position < snap.length:
+                snap.boundaries[position] = states
+        return snap
 
     def step(self, plan: StepPlan) -> StepResult:
         """Release finished sequences, run prefill chunks and decodes, sample.
@@ -101,22 +109,27 @@ class Runner:
         Returns:
             The sampled tokens.
         """
-        self._release(plan.released)
+        self._release(plan.released + plan.preempted)
         result = StepResult()
         logits: list[mx.array] = []  # each [1 or B, V]
         order: list[Sequence] = []
         finished_prefill: list[str] = []
         for chunk in plan.prefills:
-            seq_id = chunk.seq.seq_id
-            cache = self._prefill.setdefault(seq_id, self.model.make_cache())
-            tokens = mx.array([chunk.seq.prompt_ids[chunk.start : chunk.end]], dtype=mx.int32)
+            seq, seq_id = chunk.seq, chunk.seq.seq_id
+            if seq_id not in self.store.rows:
+                self.store.add(seq_id)
+            cache = StepCache(self.store, [seq_id], chunk.end - chunk.start)
+            tokens = mx.array([seq.all_ids[chunk.start : chunk.end]], dtype=mx.int32)
             out = self.model(tokens, cache=cache, last_only=chunk.is_last)  # [1, L or 1, V]
             if chunk.is_last:
-                logits.append(out[:, -1, :])
-                order.append(chunk.seq)
                 finished_prefill.append(seq_id)
+                if self.store.states is not None and not seq.output_ids:
+                    self._prompt_ends[seq_id] = (chunk.end, self.store.recurrent_state(seq_id))
+            if chunk.samples:
+                logits.append(out[:, -1, :])
+                order.append(seq)
             else:
-                mx.async_eval([c.keys for c in cache])  # start the chunk; nothing to sample
+                mx.async_eval(cache.arrays())  # start the chunk; nothing to sample
         if plan.decodes:
             by_id = {s.seq_id: s for s in plan.decodes}
             logits.append(self._decode(by_id))
@@ -126,7 +139,8 @@ class Runner:
             allowed = self._allowed(order, batch_logits)
             out = self.sampler(batch_logits, order, allowed)
             result.samples = {s.seq_id: t for s, t in zip(order, out.to_lists(order))}
-        self._join(finished_prefill)
+        self._rows.extend(finished_prefill)  # joining the batch copies nothing
+        self.max_batch_seen = max(self.max_batch_seen, len(self._rows))
         return result
 
     @staticmethod
@@ -144,32 +158,15 @@ class Runner:
         if set(by_id) != set(self._rows):
             raise RuntimeError("the plan's decode rows differ from the runner's decode batch")
         tokens = mx.array([[by_id[r].last_token] for r in self._rows], dtype=mx.int32)  # [B, 1]
-        return self.model(tokens, cache=self._batch)[:, -1, :]
-
-    def _join(self, seq_ids: list[str]) -> None:
-        """Move sequences whose prompt is done from their own caches into the decode batch."""
-        if not seq_ids:
-            return
-        layers = [self._prefill.pop(s) for s in seq_ids]  # [seq][layer]
-        merged = [BatchKVCache.merge(list(per_layer)) for per_layer in zip(*layers)]
-        if self._batch is None:
-            self._batch = merged
-        else:
-            for mine, new in zip(self._batch, merged):
-                mine.extend(new)
-        self._rows.extend(seq_ids)
-        self.max_batch_seen = max(self.max_batch_seen, len(self._rows))
+        cache = StepCache(self.store, self._rows, 1)
+        return self.model(tokens, cache=cache)[:, -1, :]
 
     def _release(self, seqs: list[Sequence]) -> None:
-        """Drop released sequences' caches (the engine copied what the prompt cache keeps)."""
+        """Drop released or preempted sequences' state (the engine copied what it keeps)."""
         leaving = {s.seq_id for s in seqs}
-        for seq_id in leaving & self._prefill.keys():
-            del self._prefill[seq_id]
-        if any(r in leaving for r in self._rows) and self._batch is not None:
-            keep = [i for i, r in enumerate(self._rows) if r not in leaving]
-            self._rows = [self._rows[i] for i in keep]
-            if keep:
-                for layer in self._batch:
-                    layer.filter(keep)
-            else:
-                self._batch = None
+        if not leaving:
+            return
+        self._rows = [r for r in self._rows if r not in leaving]
+        for seq_id in leaving:
+            self.store.remove(seq_id)
+            self._prompt_ends.pop(seq_id, None)

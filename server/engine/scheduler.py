@@ -17,6 +17,14 @@ One step, in order (`Scheduler.schedule`):
    with `n > 1` is admitted as a whole group or not at all; the queue head is never skipped,
    so a large group cannot be starved by smaller requests behind it.
 
+With a KV budget (`KVBudget`), every step also fits in bytes: what running sequences hold plus
+what this step's decodes and chunks add must stay within `max_bytes`. When decodes alone would
+exceed it, the newest sequence is preempted: it leaves the running set (`StepPlan.preempted`,
+whose state the runner frees) and goes back to the head of the queue, to recompute its
+prompt and output so far when bytes free up; its output is unchanged. Chunks are shortened to
+fit, and a request is admitted only when its first chunks fit. A request that could not fit
+even alone is refused at `add` (`KVBudgetError`).
+
 Release contract: every sequence leaves the scheduler exactly once, through
 `StepPlan.released` — finished or aborted, whether or not it ever ran (the runner frees
 whatever it holds for it, possibly nothing). Aborted sequences come out with
@@ -32,6 +40,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field, fields
 
+from moeserve.models.cache import CacheLayout
 from moeserve.server.engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
 
 
@@ -59,6 +68,22 @@ class SchedulerConfig:
             )
 
 
+@dataclass(frozen=True)
+class KVBudget:
+    """The bytes that running sequences' cache state may hold, and what a row costs."""
+
+    layout: CacheLayout
+    max_bytes: int
+
+    def row(self, positions: int, new: int = 1) -> int:
+        """Bytes of one row holding ``positions`` positions (``CacheLayout.row_bytes``)."""
+        return self.layout.row_bytes(positions, new)
+
+
+class KVBudgetError(ValueError):
+    """A request needs more cache memory than the whole budget; the API answers 400."""
+
+
 class QueueFullError(Exception):
     """The waiting queue cannot take the request now; the API answers 429."""
 
@@ -82,8 +107,9 @@ class ContextLengthError(ValueError):
 class PrefillChunk:
     """Prompt positions `[start, end)` of `seq` to compute in this step.
 
-    `end == len(seq.prompt_ids)` means the chunk completes the prompt: the runner samples the
-    sequence's first output token from the logits of position `end - 1`.
+    `end == seq.prefill_target` means the chunk completes the prefill: the runner samples the
+    sequence's first output token from the logits of position `end - 1`, unless the sequence
+    already has output (it was preempted and recomputes: its next token is known).
     """
 
     seq: Sequence
@@ -92,8 +118,13 @@ class PrefillChunk:
 
     @property
     def is_last(self) -> bool:
-        """Whether this chunk finishes the prompt (and so yields a token)."""
-        return self.end == len(self.seq.prompt_ids)
+        """Whether this chunk finishes the prefill (the sequence decodes next)."""
+        return self.end == self.seq.prefill_target
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk yields a token (the last chunk of a first prefill)."""
+        return self.is_last and not self.seq.output_ids
 
 
 @dataclass(slots=True)
@@ -103,6 +134,7 @@ class StepPlan:
     prefills: list[PrefillChunk] = field(default_factory=list)
     decodes: list[Sequence] = field(default_factory=list)
     released: list[Sequence] = field(default_factory=list)  # left the scheduler; free their state
+    preempted: list[Sequence] = field(default_factory=list)  # back in the queue; free their state
 
     @property
     def num_batched_tokens(self) -> int:
@@ -115,14 +147,18 @@ class Scheduler:
 
     Args:
         config: the limits to enforce.
+        budget: the KV byte budget, or None for none.
     """
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, budget: KVBudget | None = None) -> None:
         self.config = config
+        self.budget = budget
+        self.preemptions = 0  # sequences preempted so far (metrics)
         self._waiting: deque[list[Sequence]] = deque()  # one entry per request (its n sequences)
         self._running: list[Sequence] = []  # PREFILLING and DECODING, in admission order
         self._requests: dict[str, list[Sequence]] = {}  # request id -> its sequences
         self._in_flight = False  # a plan was scheduled and update() has not been called yet
+        self._bytes = 0  # KV bytes counted for the step being planned
 
     @property
     def num_waiting(self) -> int:
@@ -154,6 +190,8 @@ class Scheduler:
                 `max_tokens < 1`, a negative `num_cached`, or more choices than `max_running`
                 or `max_waiting`.
             ContextLengthError: prompt plus `max_tokens` exceed `max_model_len`.
+            KVBudgetError: one sequence's prompt plus `max_tokens` need more cache memory than
+                the whole budget.
             QueueFullError: the waiting queue would exceed `max_waiting` sequences.
         """
         self._validate(seqs)
@@ -163,6 +201,7 @@ class Scheduler:
                 raise ContextLengthError(
                     len(seq.prompt_ids), seq.params.max_tokens, cfg.max_model_len
                 )
+        self._check_fits(seqs)
         if self.num_waiting + len(seqs) > cfg.max_waiting:
             raise QueueFullError(
                 f"too many queued requests ({self.num_waiting} sequences waiting, limit "
@@ -174,6 +213,23 @@ class Scheduler:
             seq.status = SequenceStatus.WAITING
         self._waiting.append(list(seqs))
         self._requests[seqs[0].request_id] = list(seqs)
+
+    def _check_fits(self, seqs: list[Sequence]) -> None:
+        """Refuse what could never run within the KV budget, even alone."""
+        if self.budget is None:
+            return
+        seq = seqs[0]
+        positions = len(seq.prompt_ids) + seq.params.max_tokens
+        need = self.budget.row(positions, min(self.config.prefill_chunk, positions))
+        first = len(seqs) * self.budget.row(min(self.config.prefill_chunk, len(seq.prompt_ids)))
+        if need > self.budget.max_bytes or first > self.budget.max_bytes:
+            raise KVBudgetError(
+                f"this request needs up to {max(need, first)} bytes of KV cache "
+                f"({positions} tokens x {len(seqs)} choices at "
+                f"{self.budget.layout.bytes_per_token} bytes per token), more than the "
+                f"server's kv_cache_max_bytes "
+                f"({self.budget.max_bytes}); reduce max_tokens, the prompt or n"
+            )
 
     def _validate(self, seqs: list[Sequence]) -> None:
         """Reject malformed groups before anything is queued (see `add`)."""
@@ -237,15 +293,18 @@ class Scheduler:
         if self._in_flight:
             raise RuntimeError("schedule() called again before update() of the previous plan")
         plan = StepPlan(released=self._release())
+        self._bytes = self._fit_decodes(plan)
         plan.decodes = [s for s in self._running if s.status is SequenceStatus.DECODING]
         budget = self.config.max_batched_tokens - len(plan.decodes)
         for seq in self._running:
             if seq.status is SequenceStatus.PREFILLING and budget > 0:
                 budget -= self._chunk(plan, seq, budget)
-        while self._waiting and budget > 0:
+        while self._waiting and budget > 0 and not plan.preempted:
             group = self._waiting[0]
             if len(self._running) + len(group) > self.config.max_running:
                 break  # strict FCFS: the head waits for slots rather than being overtaken
+            if not self._first_chunks_fit(group, budget):
+                break  # the head waits for bytes as it waits for slots
             self._waiting.popleft()
             for seq in group:
                 seq.status = SequenceStatus.PREFILLING
@@ -255,9 +314,64 @@ class Scheduler:
         self._in_flight = bool(plan.prefills or plan.decodes)
         return plan
 
+    def _held(self, seq: Sequence) -> int:
+        """Bytes a running sequence holds now."""
+        return self.budget.row(seq.num_computed) if self.budget else 0
+
+    def _fit_decodes(self, plan: StepPlan) -> int:
+        """Preempt the newest sequences until this step's decodes fit; return bytes in use."""
+        if self.budget is None:
+            return 0
+        while True:
+            used = sum(
+                self.budget.row(s.num_computed + 1)
+                if s.status is SequenceStatus.DECODING
+                else self._held(s)
+                for s in self._running
+            )
+            if used <= self.budget.max_bytes or len(self._running) <= 1:
+                return used
+            self._preempt(self._running.pop(), plan)
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        """Free `seq`'s state and queue it first, to recompute when bytes free up."""
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed = seq.num_cached = 0
+        self._waiting.appendleft([seq])
+        plan.preempted.append(seq)
+        self.preemptions += 1
+
+    def _first_chunks_fit(self, group: list[Sequence], budget: int) -> bool:
+        """Whether every member's first chunk fits in the bytes left."""
+        if self.budget is None:
+            return True
+        size = min(self.config.prefill_chunk, budget)
+        need = sum(
+            self.budget.row(s.num_computed + min(size, s.remaining_prefill), size) for s in group
+        )
+        return self._bytes + need <= self.budget.max_bytes
+
     def _chunk(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
-        """Add the next prompt chunk of `seq` to `plan`; return its length."""
+        """Add the next prompt chunk of `seq` to `plan`, as long as the bytes allow.
+
+        Returns the chunk's length (0: nothing fits this step).
+        """
         size = min(self.config.prefill_chunk, seq.remaining_prefill, budget)
+        if self.budget is not None:
+            held = self._held(seq)
+            left = self.budget.max_bytes - self._bytes
+
+            def cost(n: int) -> int:
+                return self.budget.row(seq.num_computed + n, n) - held
+
+            lo, hi = 0, size  # the longest chunk whose growth fits (cost grows with n)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
+            size = lo
+            if size == 0:
+                return 0
+            self._bytes += cost(size)
         plan.prefills.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + size))
         return size
 
@@ -308,6 +422,7 @@ class Scheduler:
             seq.num_computed = chunk.end
             if chunk.is_last:
                 seq.status = SequenceStatus.DECODING
+            if chunk.samples:
                 self._append(seq, sampled)
                 changed.append(seq)
         for seq in plan.decodes:

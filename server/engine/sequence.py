@@ -86,9 +86,18 @@ class Sequence:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
+    def prefill_target(self) -> int:
+        """Positions a prefill computes.
+
+        The prompt; after a preemption, everything but the newest token (which the next
+        decode step feeds, as it would have).
+        """
+        return self.num_tokens - 1 if self.output_ids else len(self.prompt_ids)
+
+    @property
     def remaining_prefill(self) -> int:
-        """Prompt tokens whose KV still has to be computed (0 once decoding)."""
-        return max(0, len(self.prompt_ids) - self.num_computed)
+        """Tokens whose cache state still has to be computed (0 once decoding)."""
+        return max(0, self.prefill_target - self.num_computed)
 
     @property
     def is_finished(self) -> bool:

@@ -8,7 +8,7 @@ import pytest
 from moeserve.models import backend
 from moeserve.models.backend import CpuBackend
 from moeserve.models.backend.rope import RopeTables
-from moeserve.models.cache import BatchKVCache, KVCache
+from moeserve.models.cache import CacheLayout, CacheStore, Full, StepCache
 from moeserve.models.layers.rope import RoPE, RopeConfig
 from moeserve.models.loader import load_model
 from tests.helpers import FIXTURES
@@ -83,15 +83,15 @@ def test_the_model_shares_tables_within_a_pass_only(monkeypatch) -> None:
     model, _ = load_model(FIXTURES / "qwen2_moe_a" / "mlx", "float32")
     with backend.use(CpuBackend()):
         cache = model.make_cache()
-        model(mx.array([[1, 2, 3, 4]]), cache=cache)
-        batch = [BatchKVCache.merge([c, c]) for c in cache]
-        model(mx.array([[5], [6]]), cache=batch)
+        model(mx.array([[1, 2, 3, 4], [1, 2, 3, 4]]), cache=cache)
+        model(mx.array([[5], [6]]), cache=cache)
     assert [len(t) for t in made] == [1, 1]  # one schedule, one table per forward pass
 
 
-def test_batched_positions_follow_the_padding() -> None:
-    a, c = KVCache(), KVCache()
-    a.update_and_fetch(mx.zeros((1, 2, 3, 8)), mx.zeros((1, 2, 3, 8)))
-    c.update_and_fetch(mx.zeros((1, 2, 1, 8)), mx.zeros((1, 2, 1, 8)))
-    assert a.rope_offset == 3
-    assert BatchKVCache.merge([a, c]).rope_offset.tolist() == [3, 1]
+def test_batched_positions_follow_each_row() -> None:
+    store = CacheStore(CacheLayout([Full(2, 8)], 4), mx.float32)
+    for seq_id, length in (("a", 3), ("c", 1)):
+        store.add(seq_id)
+        StepCache(store, [seq_id], length)
+    assert StepCache(store, ["a"], 1).rope_offset == 3
+    assert StepCache(store, ["a", "c"], 1).rope_offset.tolist() == [4, 1]

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from moeserve.models.cache import CacheLayout, CacheStore, Full, SequenceCache, Snapshot
 from moeserve.server.engine import kv_io
 from moeserve.server.engine.prompt_cache import PromptCache, PromptCacheConfig, common_prefix
 from moeserve.server.engine.prompt_cache_disk import Writer, temp_path
@@ -36,12 +37,13 @@ def _cache(
     return PromptCache(config, clock=clock, encode=kv_io.tensors, load=kv_io.load), clock
 
 
-def _kv(tokens: list[int], layers: int = 2) -> tuple[list, int]:
+def _kv(tokens: list[int], layers: int = 2) -> tuple[Snapshot, int]:
     kv = [
         (mx.full((1, 2, len(tokens), 4), float(i)), mx.full((1, 2, len(tokens), 4), -float(i)))
         for i in range(layers)
     ]
-    return kv, sum(k.nbytes + v.nbytes for k, v in kv)
+    snap = Snapshot(len(tokens), kv, [0] * layers)
+    return snap, snap.nbytes
 
 
 def test_common_prefix() -> None:
@@ -118,11 +120,17 @@ def test_hit_is_trimmed_at_divergence() -> None:
     cache.store("", "s", tokens, *_kv(tokens))
     hit = cache.lookup("", "s", [4, 5, 6, 1, 1, 1])
     assert hit.length == 3
-    restored = kv_io.restore(hit.entry.kv, hit.length)
-    assert restored[0].offset == 3 and restored[0].state[0].shape[2] == 3
-    # The restored cache grows independently: the entry is never written through.
-    restored[0].update_and_fetch(mx.ones((1, 2, 2, 4)), mx.ones((1, 2, 2, 4)))
-    assert hit.entry.kv[0][0].shape[2] == 5 and mx.all(hit.entry.kv[0][0] == 0).item()
+    store = CacheStore(CacheLayout([Full(2, 4)] * 2, 4), mx.float32)
+    store.adopt("next/0", hit.entry.kv, hit.length)
+    restored = store.snapshot("next/0")
+    assert restored.length == 3 and restored.layers[1][0].shape[2] == 3
+    assert mx.all(restored.layers[1][0] == 1).item()
+    # The restored row grows independently: the entry is never written through.
+    views = SequenceCache(store, "next")
+    views.seq_ids = ["next/0"]
+    views.begin(1, 2)[0].update_and_fetch(mx.ones((1, 2, 2, 4)), mx.ones((1, 2, 2, 4)))
+    assert store.rows["next/0"].length == 5
+    assert hit.entry.kv.layers[0][0].shape[2] == 5 and mx.all(hit.entry.kv.layers[0][0] == 0).item()
 
 
 def test_byte_budget_evicts_least_recently_used() -> None:
@@ -231,7 +239,7 @@ def test_persistence_round_trip_and_lazy_reload(tmp_path: Path) -> None:
     assert fresh.lookup("t2", "alice", tokens) is None  # the scope is kept on disk
     assert fresh.lookup("t1", None, tokens) is None  # sessions never join the anonymous pool
     hit = fresh.lookup("t1", "alice", [1, 2, 3, 9])
-    assert hit.length == 3 and hit.entry.kv[1][0][0, 0, 0, 0].item() == 1.0
+    assert hit.length == 3 and hit.entry.kv.layers[1][0][0, 0, 0, 0].item() == 1.0
 
 
 def test_finished_turns_are_written_without_shutdown(tmp_path: Path) -> None:
@@ -248,7 +256,7 @@ def test_finished_turns_are_written_without_shutdown(tmp_path: Path) -> None:
     assert fresh.sessions("t2") == []
     assert fresh.lookup("t1", "alice", [1, 2, 3, 4]).length == 3
     _, kv, _, meta = kv_io.load(path)
-    assert meta["scope"] == "t1" and kv[0][0].shape == (1, 2, 3, 4)
+    assert meta["scope"] == "t1" and kv.layers[0][0].shape == (1, 2, 3, 4)
 
 
 def test_stale_temporary_files_are_removed_at_startup(tmp_path: Path) -> None:

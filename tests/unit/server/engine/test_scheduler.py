@@ -322,3 +322,83 @@ def test_config_chunk_must_fit_budget():
     with pytest.raises(ValueError, match="prefill_chunk"):
         SchedulerConfig(max_batched_tokens=100, prefill_chunk=101)
     SchedulerConfig(max_batched_tokens=100, prefill_chunk=100)
+
+
+# ----- the KV byte budget ------------------------------------------------------------------
+
+
+def budgeted(max_bytes: int, **kw) -> Scheduler:
+    """A scheduler whose rows cost 1 byte per position, in blocks of 16 (one full layer)."""
+    from moeserve.models.cache import CacheLayout, Latent
+    from moeserve.server.engine.scheduler import KVBudget
+
+    layout = CacheLayout([Latent(((1, 1),))], 1)  # 1 byte per position
+    return Scheduler(config(**kw), KVBudget(layout, max_bytes))
+
+
+def held(sched: Scheduler) -> int:
+    return sum(sched.budget.row(s.num_computed) for s in sched._running)
+
+
+def test_request_that_never_fits_names_the_limit():
+    from moeserve.server.engine.scheduler import KVBudgetError
+
+    sched = budgeted(64)
+    with pytest.raises(KVBudgetError, match="kv_cache_max_bytes"):
+        add(sched, "big", 40, max_tokens=40)  # 80 positions = 5 blocks of 16 > 64 bytes
+    add(sched, "fits", 40, max_tokens=24)  # 64 positions: exactly the budget
+    assert sched.num_waiting == 1
+
+
+def test_decode_growth_preempts_the_newest_and_it_resumes_unchanged():
+    sched = budgeted(96, max_running=4, max_batched_tokens=64, prefill_chunk=32)
+    old = add(sched, "old", 30, max_tokens=30)[0]
+    new = add(sched, "new", 30, max_tokens=30)[0]
+    preempted: list[str] = []
+    outputs_at_preemption: dict[str, list[int]] = {}
+    for _ in range(200):
+        if not sched.has_work:
+            break
+        plan = step(sched)
+        assert held(sched) <= 96  # what the runner holds after the step
+        for seq in plan.preempted:
+            preempted.append(seq.seq_id)
+            outputs_at_preemption[seq.seq_id] = list(seq.output_ids)
+            assert seq.num_computed == 0 and seq.status is SequenceStatus.WAITING
+    assert preempted and preempted[0] == "new/0"  # the newest goes first
+    assert sched.preemptions == len(preempted)
+    # Nothing was lost: both completed all their tokens, in order, as fake_token numbers them.
+    for seq in (old, new):
+        assert seq.finish_reason is FinishReason.LENGTH
+        assert seq.output_ids == [100 + i for i in range(30)]
+    # The resumed prefill recomputed prompt + output but the last token, and sampled nothing.
+    assert outputs_at_preemption["new/0"]
+
+
+def test_resumed_prefill_covers_the_output_and_samples_nothing():
+    sched = budgeted(10**6)
+    seq = add(sched, "r", 5, max_tokens=8)[0]
+    step(sched)
+    step(sched)
+    assert seq.output_ids == [100, 101] and seq.num_computed == 6
+    plan = StepPlan()
+    sched._running.remove(seq)
+    sched._preempt(seq, plan)
+    plan = sched.schedule()
+    (chunk,) = plan.prefills
+    assert (chunk.start, chunk.end) == (0, 6) and chunk.is_last and not chunk.samples
+    sched.update(plan, {})
+    assert seq.status is SequenceStatus.DECODING and seq.output_ids == [100, 101]
+
+
+def test_admission_waits_for_bytes_and_chunks_shrink_to_fit():
+    sched = budgeted(64, max_running=4, max_batched_tokens=64, prefill_chunk=32)
+    first = add(sched, "a", 40, max_tokens=8)[0]
+    plan = sched.schedule()
+    assert [(c.start, c.end) for c in plan.prefills] == [(0, 32)]
+    sched.update(plan, {})
+    add(sched, "b", 40, max_tokens=8)
+    plan = sched.schedule()  # a's rest (8) fits; b's first chunk (32) would exceed 64 bytes
+    assert prefilled_ids(plan) == ["a/0"] and sched.num_waiting == 1
+    sched.update(plan, {"a/0": 100})
+    assert first.status is SequenceStatus.DECODING

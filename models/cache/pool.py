@@ -1,0 +1,123 @@
+"""Storage that grows and shrinks with what it holds: units (blocks or rows) and a free list.
+
+A ``Pool`` owns, for each of its layers, arrays whose leading axis is ``capacity × unit``
+(``unit`` = positions per block for positional layers, 1 for recurrent rows). Ids are handed
+out from a free list, so a row joins or leaves by taking or returning its own ids: nothing
+else is copied. Capacity follows use: it grows by an eighth (copying once, amortised) when an
+allocation does not fit, and ``compact`` shrinks it when less than four fifths is in use,
+renumbering the live ids (the caller remaps its tables).
+
+Knows arrays, ids and bytes; not rows, positions or attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+
+class Pool:
+    """Per-layer arrays of ``capacity`` units, and which units are free.
+
+    Args:
+        shapes: Layer index -> the per-position (or per-row) shapes of its tensors.
+        unit: Leading-axis entries per id (``BLOCK`` for blocks, 1 for recurrent rows).
+        dtype: Element type.
+    """
+
+    def __init__(self, shapes: dict[int, tuple[tuple[int, ...], ...]], unit: int, dtype: mx.Dtype):
+        self.shapes = shapes
+        self.unit = unit
+        self.dtype = dtype
+        self.capacity = 0
+        self.free: list[int] = []
+        self.arrays: dict[int, list[mx.array]] = {layer: [] for layer in shapes}
+        self.unit_bytes = (
+            unit
+            * dtype.size
+            * sum(math.prod(s) for per_layer in shapes.values() for s in per_layer)
+        )
+
+    @property
+    def used(self) -> int:
+        """Ids handed out."""
+        return self.capacity - len(self.free)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (capacity, used or not)."""
+        return self.capacity * self.unit_bytes
+
+    def allocate(self, n: int, limit_bytes: int | None = None) -> list[int]:
+        """Hand out ``n`` ids, growing the arrays if the free list is short.
+
+        Args:
+            n: Ids wanted.
+            limit_bytes: Growth beyond what is needed stops here (the slack never exceeds the
+                budget); what is needed is always allocated.
+
+        Returns:
+            The ids (the lowest free ones first, which keeps a row's blocks near each other).
+        """
+        if n > len(self.free):
+            need = self.used + n
+            target = max(need, self.capacity + self.capacity // 8 + 1)
+            if limit_bytes is not None:
+                target = max(need, min(target, limit_bytes // self.unit_bytes))
+            self._grow(target)
+        return [self.free.pop() for _ in range(n)]
+
+    def release(self, ids: list[int]) -> None:
+        """Return ids to the free list."""
+        self.free.extend(ids)
+        self.free.sort(reverse=True)
+
+    def wasteful(self) -> bool:
+        """Whether less than four fifths of the capacity is in use (then ``compact``)."""
+        return self.capacity > self.used + self.used // 4 + 2
+
+    def compact(self, live: list[int]) -> dict[int, int]:
+        """Shrink to fit ``live`` (every id in use) plus an eighth; renumber them 0..n-1.
+
+        Costs a copy of what is live, so it runs only when a quarter of the capacity is
+        idle: amortised over the rows whose leaving freed it.
+
+        Args:
+            live: The ids in use, in the order they are to be numbered.
+
+        Returns:
+            Old id -> new id.
+        """
+        capacity = len(live) + len(live) // 8 + (1 if live else 0)
+        if not live:
+            self._set(capacity, lambda a: None)
+        else:
+            idx = mx.array(live, dtype=mx.int32)
+            if self.unit > 1:
+                idx = (idx[:, None] * self.unit + mx.arange(self.unit)[None]).reshape(-1)
+            self._set(capacity, lambda a: a[idx])
+        self.free = list(range(capacity - 1, len(live) - 1, -1))
+        return {old: new for new, old in enumerate(live)}
+
+    def _grow(self, capacity: int) -> None:
+        """Extend the arrays to ``capacity`` units; every id stays where it is."""
+        self.free = list(range(capacity - 1, self.capacity - 1, -1)) + self.free
+        self._set(capacity, lambda a: a)
+
+    def _set(self, capacity: int, keep) -> None:
+        """Arrays of ``capacity`` units starting with ``keep(old array)`` (None: nothing)."""
+        for layer, shapes in self.shapes.items():
+            old = self.arrays[layer] or [None] * len(shapes)
+            fresh = []
+            for a, shape in zip(old, shapes):
+                head = keep(a) if a is not None else None
+                used = 0 if head is None else head.shape[0]
+                tail = mx.zeros((capacity * self.unit - used, *shape), self.dtype)
+                fresh.append(tail if head is None else mx.concatenate([head, tail]))
+            self.arrays[layer] = fresh if capacity else []
+        mx.eval([a for arrays in self.arrays.values() for a in arrays])
+        self.capacity = capacity
+        # The old buffers went back to MLX's allocator cache; hand them to the system, or the
+        # process would keep the largest size the cache ever had.
+        mx.clear_cache()

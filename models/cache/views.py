@@ -1,0 +1,177 @@
+"""What one forward pass sees of the ``CacheStore``: per-layer views over its rows.
+
+``StepCache`` is the ``cache`` argument of a model call: a list with one view per decoder
+layer, built by ``CacheStore`` for the rows of the pass and the number of new positions each
+writes (a prefill chunk: one row, L positions; a decode step: B rows, one each). Built once
+per pass and shared by the layers of a group:
+
+* write indices (where the new positions go in the pool),
+* gather indices ``[B, S]`` (the positions each row's queries may see, right-padded),
+* the mask: None when nothing is padded and one query per row; ``"causal"`` for one row of a
+  full-attention prefill; otherwise a boolean ``[B, 1, L, S]`` (padding, causality, window),
+* rotary offsets (an int for one row, an int32 ``[B]`` otherwise).
+
+A positional layer calls ``update_and_fetch(k, v)`` (or any number of tensors, for latent
+layers) with ``[B, H, L, D]`` arrays and gets ``[B, H, S, D]`` back; a recurrent layer reads
+and assigns ``state``. The views know indices and masks; what the layers compute with them
+is theirs.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from moeserve.models.cache.store import CacheStore
+
+
+class _GroupStep:
+    """Indices and mask of one group for one pass."""
+
+    def __init__(self, store: CacheStore, gi: int, rows: list, new: int) -> None:
+        window = store.layout.groups[gi].window
+        writes, gathers, starts = [], [], []
+        for row in rows:
+            writes.append(store.slots(gi, row, row.length, row.length + new))
+            start = 0 if window is None else max(0, row.length - window + 1)
+            gathers.append(store.slots(gi, row, start, row.length + new))
+            starts.append(start)
+        counts = [len(g) for g in gathers]
+        width = max(counts)
+        padded = np.zeros((len(rows), width), dtype=np.int32)
+        for b, g in enumerate(gathers):
+            padded[b, : len(g)] = g
+            padded[b, len(g) :] = g[0]  # any slot of the row's own; masked out
+        self.write = mx.array(np.concatenate(writes).astype(np.int32))
+        self.gather = mx.array(padded)
+        self.mask = self._mask(rows, new, window, starts, counts, width)
+
+    @staticmethod
+    def _mask(rows, new, window, starts, counts, width):
+        if new == 1 and len(set(counts)) == 1:
+            return None  # one query each, nothing padded: it sees every gathered key
+        if new > 1 and len(rows) == 1 and starts[0] == 0 and window is None:
+            return "causal"  # keys are exactly [0, length + L): bottom-right aligned
+        key_pos = np.asarray(starts)[:, None] + np.arange(width)[None]  # [B, S]
+        query_pos = np.asarray([r.length for r in rows])[:, None] + np.arange(new)[None]  # [B, L]
+        keep = key_pos[:, None, :] <= query_pos[:, :, None]  # causal
+        keep &= np.arange(width)[None, None, :] < np.asarray(counts)[:, None, None]  # padding
+        if window is not None:
+            keep &= key_pos[:, None, :] > query_pos[:, :, None] - window
+        return mx.array(keep[:, None])  # [B, 1, L, S]
+
+
+class LayerView:
+    """One layer's share of a ``StepCache``."""
+
+    def __init__(self, step: StepCache, layer: int) -> None:
+        self._step = step
+        self.layer = layer
+
+    @property
+    def rope_offset(self) -> int | mx.array:
+        """Position of each row's first new token (int for one row, int32 ``[B]`` otherwise)."""
+        return self._step.rope_offset
+
+    @property
+    def mask(self) -> mx.array | str | None:
+        """The attention mask of this layer's group (None for recurrent layers)."""
+        gi = self._step.store.group_of.get(self.layer)
+        return None if gi is None else self._step.groups[gi].mask
+
+    def update_and_fetch(self, *tensors: mx.array) -> tuple[mx.array, ...]:
+        """Write the new positions and return every position the queries may see.
+
+        Args:
+            *tensors: ``[B, H, L, D]`` each (keys and values; or a latent layer's tensors).
+
+        Returns:
+            ``[B, H, S, D]`` each, right-padded per row (the mask hides the padding).
+        """
+        store, gi = self._step.store, self._step.store.group_of[self.layer]
+        group = self._step.groups[gi]
+        pools = store.pools[gi].arrays[self.layer]
+        out = []
+        for pool, t in zip(pools, tensors):
+            B, H, L, D = t.shape
+            pool[group.write] = t.transpose(0, 2, 1, 3).reshape(B * L, H, D)
+            out.append(pool[group.gather].transpose(0, 2, 1, 3))  # [B, H, S, D]
+        return tuple(out)
+
+    @property
+    def state(self) -> list[mx.array]:
+        """A recurrent layer's state arrays, ``[B, *shape]`` each (zeros for a new row)."""
+        return [a[self._step.slots] for a in self._step.store.states.arrays[self.layer]]
+
+    @state.setter
+    def state(self, arrays: list[mx.array]) -> None:
+        for a, new in zip(self._step.store.states.arrays[self.layer], arrays):
+            a[self._step.slots] = new
+
+
+class StepCache(list):
+    """The per-layer views of one forward pass (a list, as the model protocol wants).
+
+    Args:
+        store: The store.
+        seq_ids: The rows, in batch order.
+        new: New positions per row.
+    """
+
+    def __init__(self, store: CacheStore, seq_ids: list[str], new: int) -> None:
+        self.store = store
+        rows = store.prepare(seq_ids, new)
+        self.groups = [_GroupStep(store, gi, rows, new) for gi in range(len(store.pools))]
+        offsets = [r.length for r in rows]
+        self.rope_offset = offsets[0] if len(rows) == 1 else mx.array(offsets, dtype=mx.int32)
+        self.slots = (
+            mx.array([r.slot for r in rows], dtype=mx.int32) if store.states is not None else None
+        )
+        for r in rows:
+            r.length += new
+        super().__init__(LayerView(self, i) for i in range(len(store.layout.kinds)))
+
+    def arrays(self) -> list[mx.array]:
+        """Every pool array this pass writes (to evaluate a chunk that samples nothing)."""
+        pools = self.store.pools + ([self.store.states] if self.store.states else [])
+        return [a for p in pools for arrays in p.arrays.values() for a in arrays]
+
+
+class SequenceCache:
+    """A cache outside the engine (tests, parity, tools): one store, rows of equal length.
+
+    Passed as a model's ``cache``, each call writes its tokens after the ones before, as a
+    growing KV cache does. The first call fixes the number of rows (its input's batch).
+
+    Args:
+        store: A store for the model's layout.
+        name: Prefix of the rows' names in the store.
+    """
+
+    def __init__(self, store: CacheStore, name: str = "solo") -> None:
+        self.store = store
+        self.name = name
+        self.seq_ids: list[str] = []
+
+    @property
+    def offset(self) -> int:
+        """Positions computed (0 before the first call)."""
+        return self.store.rows[self.seq_ids[0]].length if self.seq_ids else 0
+
+    def begin(self, batch: int, new: int) -> StepCache:
+        """The views for a pass writing ``new`` positions to each of ``batch`` rows.
+
+        Args:
+            batch: Rows of the input (the same in every call).
+            new: New tokens per row.
+
+        Returns:
+            The per-layer views.
+        """
+        if not self.seq_ids:
+            self.seq_ids = [f"{self.name}/{b}" for b in range(batch)]
+            for seq_id in self.seq_ids:
+                self.store.add(seq_id)
+        if batch != len(self.seq_ids):
+            raise ValueError(f"this cache holds {len(self.seq_ids)} rows; the input has {batch}")
+        return StepCache(self.store, self.seq_ids, new)

@@ -1,0 +1,65 @@
+"""The masks a pass's cache views build: none where nothing is hidden, exact where needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from moeserve.models.cache import CacheLayout, CacheStore, Full, Sliding, StepCache
+from moeserve.models.loader import load_model
+
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "models" / "qwen2_moe_a" / "mlx"
+
+
+def _store(*lengths: int, kind=None) -> CacheStore:
+    store = CacheStore(CacheLayout([kind or Full(2, 8)], 4), mx.float32)
+    for i, length in enumerate(lengths):
+        store.add(f"r{i}")
+        StepCache(store, [f"r{i}"], length)
+    return store
+
+
+def test_equal_rows_and_one_token_need_no_mask() -> None:
+    store = _store(4, 4)
+    assert StepCache(store, ["r0", "r1"], 1).groups[0].mask is None
+    store = _store(7)
+    assert StepCache(store, ["r0"], 1).groups[0].mask is None
+
+
+def test_rows_of_different_lengths_are_masked_past_their_end() -> None:
+    store = _store(4, 2)
+    mask = StepCache(store, ["r0", "r1"], 1).groups[0].mask
+    # Right-padded: row 1 holds 3 positions after this step, row 0 holds 5.
+    assert mask.tolist() == [[[[True] * 5]], [[[True, True, True, False, False]]]]
+
+
+def test_prefill_of_one_row_is_causal_and_a_window_is_explicit() -> None:
+    store = _store(3)
+    assert StepCache(store, ["r0"], 4).groups[0].mask == "causal"
+    store = _store(3, kind=Sliding(2, 8, sliding_window=3))
+    mask = StepCache(store, ["r0"], 2).groups[0].mask  # queries at 3, 4 see keys 1..4
+    assert mask.tolist() == [[[[True, True, True, False], [False, True, True, True]]]]
+
+
+def test_dropping_the_mask_changes_nothing(monkeypatch) -> None:
+    model, _ = load_model(FIXTURE, "float32")
+    prompt = mx.array([[3, 14, 15, 92, 65, 35, 89, 79]])
+
+    def decode_logits() -> mx.array:
+        cache = model.make_cache()
+        model(prompt, cache=cache)
+        return model(mx.array([[26]]), cache=cache)[:, -1]
+
+    without = decode_logits()
+    from moeserve.models.cache import views
+
+    real = views._GroupStep._mask
+
+    def always_a_mask(rows, new, window, starts, counts, width):
+        mask = real(rows, new, window, starts, counts, width)
+        return mx.ones((len(rows), 1, new, width), dtype=mx.bool_) if mask is None else mask
+
+    monkeypatch.setattr(views._GroupStep, "_mask", staticmethod(always_a_mask))
+    with_mask = decode_logits()
+    assert mx.array_equal(without, with_mask).item()
