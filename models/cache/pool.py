@@ -74,7 +74,13 @@ class Pool:
         self.free.sort(reverse=True)
 
     def wasteful(self) -> bool:
-        """Whether less than four fifths of the capacity is in use (then ``compact``)."""
+        """Whether less than four fifths of the capacity is in use (then ``compact``).
+
+        The two spare units that spare small pools from compacting back and forth do not
+        apply to an idle pool: once its last row leaves, it holds nothing.
+        """
+        if self.used == 0:
+            return self.capacity > 0
         return self.capacity > self.used + self.used // 4 + 2
 
     def compact(self, live: list[int]) -> dict[int, int]:

@@ -249,7 +249,7 @@ class CacheStore:
         row = self.add(seq_id)
         row.length = 0
         recurrent = snap.layers if length == snap.length else None
-        if recurrent is None and self.layout.recurrent:
+        if recurrent is None and self.layout.recurrent and length:
             recurrent = {  # an earlier boundary: its states, by layer
                 i: s for i, s in zip(self.layout.recurrent, snap.boundaries[length])
             }
@@ -266,7 +266,7 @@ class CacheStore:
                 for a, t in zip(self.pools[gi].arrays[i], snap.layers[i]):
                     a[idx] = t[0, :, offset : offset + length - start].transpose(1, 0, 2)
         slot = mx.array([row.slot], dtype=mx.int32) if row.slot is not None else None
-        for i in self.layout.recurrent:
+        for i in self.layout.recurrent if length else ():  # at 0: add's zero state is exact
             states = recurrent[i] if isinstance(recurrent, dict) else snap.layers[i]
             for a, t in zip(self.states.arrays[i], states):
                 a[slot] = t
