@@ -4,8 +4,9 @@ Knows every setting of ``moeserve serve``, its default, its documentation and it
 how the settings become a ``SchedulerConfig``. Where each value came from (so that an error
 names the setting *and* its source), the flags' and variables' spellings and the TOML file
 are ``server/settings_sources.py``'s, re-exported here. Knows nothing about HTTP, models or
-the engine's internals: the model-dependent defaults (``max_model_len``, the served name) are
-resolved in ``server/startup.py`` once the model is loaded.
+the engine's internals: the model-dependent defaults (``max_model_len``, the served name, and
+``kv_cache_max_bytes`` through ``server/kv_memory.py``) are resolved in ``server/startup.py``
+once the model is loaded.
 
 ``Settings()`` alone reads keyword arguments and the environment; ``load_settings`` adds the
 TOML file underneath them, which is what the command line uses.
@@ -188,6 +189,15 @@ class Settings(BaseSettings):
         None,
         description="directory where each session's cache is written when its turn finishes "
         "(in the background) and found again after a restart; unset: memory only",
+    )
+    kv_cache_max_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="bytes that running sequences' KV caches may hold together (the newest "
+        "is preempted and recomputed later when decoding would exceed it; a request that "
+        "cannot fit alone gets HTTP 400); 0: no byte bound; unset: half the memory left "
+        "after the weights and prompt_cache_max_bytes (Metal: of the recommended working "
+        "set), at least one max_model_len sequence when memory allows",
     )
     cpu_fast_math: bool = Field(
         True,

@@ -4,9 +4,9 @@ Knows how settings turn into a served model: which checkpoint (the demo model wh
 given), which dtype, the id and aliases clients address it by, and its context length.
 Shows a progress bar while weights are read. ``build_runtime`` is the app's default runtime
 factory: it loads the model, fingerprints it for the prompt cache's files, picks the chat
-template and tool-call format, starts the engine thread and logs the summary line. Knows
-nothing of routes, middleware or the wire format: ``server/http/app.py`` calls
-``build_runtime`` in its lifespan.
+template and tool-call format, sizes the KV budget (``server/kv_memory.py``), starts the
+engine thread and logs the summary line. Knows nothing of routes, middleware or the wire
+format: ``server/http/app.py`` calls ``build_runtime`` in its lifespan.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from moeserve.server.engine.engine import Engine
 from moeserve.server.engine.prompt_cache import PromptCache, PromptCacheConfig
 from moeserve.server.http.deps import Runtime
 from moeserve.server.http.metrics import Metrics
+from moeserve.server.kv_memory import resolve_kv_cache_max_bytes
 from moeserve.server.settings import Settings
 from moeserve.server.text.chat_template import CHATML_TEMPLATE
 from moeserve.server.text.formats import DEFAULT_TOOL_FORMAT, detect_tool_format
@@ -206,12 +207,27 @@ def server_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/v1"
 
 
-def summary_line(served: ServedModel, settings: Settings) -> str:
+def weight_bytes(served: ServedModel) -> int:
+    """Bytes of the loaded model's parameters.
+
+    Args:
+        served: The loaded model.
+
+    Returns:
+        The bytes.
+    """
+    return sum(v.nbytes for _, v in tree_flatten(served.loaded.model.parameters()))
+
+
+def summary_line(
+    served: ServedModel, settings: Settings, kv_cache_max_bytes: int | None = None
+) -> str:
     """One line for the log at startup: what is served, how big, how fast a BLAS, and where.
 
     Args:
         served: The loaded model.
         settings: The server settings (for the address).
+        kv_cache_max_bytes: The resolved KV budget, None for no byte bound.
 
     Returns:
         The line.
@@ -227,12 +243,15 @@ def summary_line(served: ServedModel, settings: Settings) -> str:
     quant = served.loaded.config.get("quantization")
     bits = f", {quant['bits']}-bit quantized" if isinstance(quant, dict) and "bits" in quant else ""
     aliases = f" (aliases: {', '.join(served.aliases)})" if served.aliases else ""
+    layers = served.loaded.model.cache_layout().describe()
+    bound = "no byte bound" if kv_cache_max_bytes is None else format_bytes(kv_cache_max_bytes)
     return (
         f"serving {served.model_id}{aliases}: {served.loaded.model_type}, "
         f"{format_count(count_parameters(served.loaded.model))} parameters, "
         f"{'/'.join(floats) or 'no floating'} weights{bits}, "
         f"{format_bytes(sum(v.nbytes for v in params))}, context {served.max_model_len} tokens, "
-        f"BLAS: {blas_in_use()}, {kernels()}; at {server_url(settings.host, settings.port)}"
+        f"KV cache {bound} ({layers} layers), BLAS: {blas_in_use()}, {kernels()}; "
+        f"at {server_url(settings.host, settings.port)}"
     )
 
 
@@ -293,11 +312,21 @@ def build_runtime(settings: Settings) -> Runtime:
         ModelError: The model cannot be found or loaded, or has no usable tokenizer.
     """
     served = load_served_model(settings)
+    config = settings.scheduler_config(served.max_model_len)
+    kv_bytes = resolve_kv_cache_max_bytes(
+        settings.kv_cache_max_bytes,
+        served.loaded.model.cache_layout(),
+        weights=weight_bytes(served),
+        prompt_cache=settings.prompt_cache_max_bytes if settings.prompt_cache else 0,
+        max_model_len=config.max_model_len,
+        prefill_chunk=config.prefill_chunk,
+    )
     engine = Engine(
         served.loaded.model,
         served.tokenizer,
-        settings.scheduler_config(served.max_model_len),
+        config,
         prompt_cache=_prompt_cache(settings, served) if settings.prompt_cache else None,
+        kv_cache_max_bytes=kv_bytes,
     )
     engine.start()
     engine.grammar.ll_tokenizer  # noqa: B018  build llguidance's tokenizer now, not on a request
@@ -309,12 +338,13 @@ def build_runtime(settings: Settings) -> Runtime:
         max_model_len=served.max_model_len,
         created=served.created or int(time.time()),
         settings=settings,
-        metrics=Metrics(engine.stats),
+        metrics=Metrics(engine.stats, kv_cache_max_bytes=kv_bytes),
         tool_format=_tool_format(settings, served),
         chat_template=_default_template(served),
+        kv_budget=engine.scheduler.budget,
     )
     # Under the server's logger name, like the CLI's own lines: users see it as moeserve's.
-    logging.getLogger("moeserve").info("%s", summary_line(served, settings))
+    logging.getLogger("moeserve").info("%s", summary_line(served, settings, kv_bytes))
     # A slow BLAS costs ~25x on matrix products; the summary line names it, but few read it.
     if (warning := blas_warning()) is not None:
         logging.getLogger("moeserve").warning("%s", warning)

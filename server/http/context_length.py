@@ -10,6 +10,11 @@ moments:
    completion limit, the room left (``completion_limit``);
 3. at admission: the engine's own check, the same rule, mapped here (``from_engine``).
 
+The default completion limit also fits the KV budget (``kv_cache_max_bytes``): a request that
+sets no ``max_tokens`` gets at most what one sequence can hold within it, so leaving the limit
+out never earns the engine's budget refusal when the prompt itself fits. A requested limit
+over the budget is the engine's to refuse (``routes/common.py`` maps it to a 400).
+
 Knows the tokenizer's normalizer and OpenAI's wording; knows nothing of routes or requests.
 """
 
@@ -21,6 +26,7 @@ from typing import Any
 from moeserve.server.engine.scheduler import ContextLengthError
 from moeserve.server.http.deps import Runtime
 from moeserve.server.http.errors import APIError
+from moeserve.server.kv_memory import longest_row
 
 
 def context_error(prompt: int, completion: int, limit: int, param: str = "messages") -> APIError:
@@ -62,7 +68,7 @@ def completion_limit(
     """The completion's token limit: the requested one if it fits, else the room left.
 
     Args:
-        runtime: The runtime (context length, ``default_max_tokens``).
+        runtime: The runtime (context length, ``default_max_tokens``, the KV budget).
         prompt_len: Prompt tokens.
         requested: The request's limit, or None for the default.
         param: ``messages`` or ``prompt``, for the error.
@@ -79,10 +85,21 @@ def completion_limit(
         limit = min(runtime.settings.default_max_tokens, room)
         if limit < 1:
             raise context_error(prompt_len, 1, runtime.max_model_len, param)
-        return limit
+        # At least 1: a prompt that alone exceeds the budget gets the engine's 400, which
+        # names kv_cache_max_bytes.
+        return max(1, min(limit, _kv_room(runtime, prompt_len, limit)))
     if requested > room:
         raise context_error(prompt_len, requested, runtime.max_model_len, param)
     return requested
+
+
+def _kv_room(runtime: Runtime, prompt_len: int, limit: int) -> int:
+    """The most completion tokens, up to ``limit``, that fit the KV budget after the prompt."""
+    budget = runtime.kv_budget
+    if budget is None:
+        return limit
+    chunk = runtime.settings.prefill_chunk
+    return longest_row(budget.layout, budget.max_bytes, chunk, prompt_len + limit) - prompt_len
 
 
 # How many times shorter (in UTF-8 bytes) a tokenizer normalizer can make a text. A Unicode

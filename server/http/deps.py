@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 from moeserve.server.engine.events import Event, GenerationRequest
 from moeserve.server.engine.grammar import GrammarCompiler
 from moeserve.server.engine.prompt_cache import PromptCache
+from moeserve.server.engine.scheduler import KVBudget
 from moeserve.server.http.errors import APIError, model_not_found
 from moeserve.server.http.metrics import Metrics
 from moeserve.server.settings import Settings
@@ -71,6 +72,8 @@ class Runtime:
     fingerprint: str = "fp_moeserve"
     tool_format: str = "qwen"  # the tool-call format of its template (server/text/formats)
     chat_template: str | None = None  # the default template's source, for reasoning detection
+    # The engine's KV byte budget (None: no byte bound), to cap a default max_tokens with.
+    kv_budget: KVBudget | None = None
     # Values the routes work out once per runtime (``context_length.py``: prompt_byte_limit).
     extra: dict[str, int | None] = field(default_factory=dict)
     _vocabulary: dict[str, int] | None = field(default=None, init=False, repr=False)

@@ -2,27 +2,64 @@
 
 One registry per application (not the process-global default), so several apps in one test
 process do not collide. Knows prometheus-client and what the API reports; the engine's queue
-sizes are read through a callback at scrape time.
+sizes, KV cache use and preemption count are read through a callback at scrape time (the
+preemptions by a small collector, since a prometheus-client ``Counter`` cannot read a value).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 # Seconds; decode steps on a laptop run from a few ms to a few hundred.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _Preemptions(Collector):
+    """``moeserve_preemptions_total``: a counter whose value the engine keeps.
+
+    The engine counts preemptions itself (``Scheduler.preemptions``, through ``stats()``);
+    a collector hands that count over as a counter at each scrape, which keeps its type
+    (``rate()`` works) without a second count to keep in step.
+    """
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def _family(self, value: float) -> CounterMetricFamily:
+        # prometheus-client adds the _total suffix to a counter's name when it exposes it.
+        return CounterMetricFamily(
+            "moeserve_preemptions",
+            "Sequences preempted (their KV cache freed, to be recomputed) to stay within "
+            "kv_cache_max_bytes",
+            value=value,
+        )
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        """The metric's name and type, without reading the engine (registration)."""
+        yield self._family(0)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """The engine's count now."""
+        yield self._family(self.stats().get("preemptions", 0))
 
 
 class Metrics:
     """The server's counters, gauges and histograms.
 
     Args:
-        queue_sizes: Returns ``{"running": n, "waiting": n}`` when scraped.
+        queue_sizes: Returns ``{"running": n, "waiting": n}`` and, when the engine has them,
+            ``prompt_cache_bytes``, ``kv_cache_bytes``, ``kv_cache_tokens`` and
+            ``preemptions`` when scraped.
+        kv_cache_max_bytes: The KV budget, exposed as a gauge; None (no byte bound): absent.
     """
 
-    def __init__(self, queue_sizes: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self, queue_sizes: Callable[[], dict[str, int]], kv_cache_max_bytes: int | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -67,6 +104,25 @@ class Metrics:
         running.set_function(lambda: queue_sizes()["running"])
         cache_bytes.set_function(lambda: queue_sizes().get("prompt_cache_bytes", 0))
         waiting.set_function(lambda: queue_sizes()["waiting"])
+        kv_bytes = Gauge(
+            "moeserve_kv_cache_bytes",
+            "Bytes allocated for running sequences' KV caches (used and spare blocks)",
+            registry=r,
+        )
+        kv_tokens = Gauge(
+            "moeserve_kv_cache_tokens",
+            "Token positions held in running sequences' KV caches",
+            registry=r,
+        )
+        kv_bytes.set_function(lambda: queue_sizes().get("kv_cache_bytes", 0))
+        kv_tokens.set_function(lambda: queue_sizes().get("kv_cache_tokens", 0))
+        if kv_cache_max_bytes is not None:
+            Gauge(
+                "moeserve_kv_cache_max_bytes",
+                "The KV budget of running sequences (kv_cache_max_bytes)",
+                registry=r,
+            ).set(kv_cache_max_bytes)
+        r.register(_Preemptions(queue_sizes))
 
     def count_request(self, route: str, status: int) -> None:
         """Count one finished HTTP request.

@@ -25,7 +25,11 @@ router = APIRouter(tags=["admin"], responses=error_responses(400, 401, 404, 413,
 @router.get(
     "/health",
     responses={
-        200: {"description": "Serving: the model id and the engine's queue sizes"},
+        200: {
+            "description": "Serving: the model id, the engine's queue sizes, KV cache use "
+            "(kv_cache_bytes, kv_cache_tokens, preemptions) and its budget "
+            "(kv_cache_max_bytes, null for none)"
+        },
         503: {
             "description": "Loading, draining or engine down: `status` says which",
             "content": {"application/json": {"schema": {"type": "object"}}},
@@ -46,7 +50,9 @@ async def health(http: Request) -> JSONResponse:
         return JSONResponse({"status": "loading"}, status_code=503)
     if not runtime.engine.healthy:
         return JSONResponse({"status": "engine_dead"}, status_code=503)
-    return JSONResponse({"status": "ok", "model": runtime.model_id, **runtime.engine.stats()})
+    budget = runtime.kv_budget.max_bytes if runtime.kv_budget is not None else None
+    body = {"status": "ok", "model": runtime.model_id, **runtime.engine.stats()}
+    return JSONResponse({**body, "kv_cache_max_bytes": budget})
 
 
 @router.get(

@@ -213,7 +213,11 @@ async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http
         constraint=constraint,
         keep_special_ids=kept_special_ids(runtime, config),
     )
-    streams = await common.submit(runtime, [gen])
+    # The field a KV-budget refusal blames: the limit the client set, none when it set none.
+    limit_param = next(
+        (f for f in ("max_completion_tokens", "max_tokens") if getattr(req, f) is not None), None
+    )
+    streams = await common.submit(runtime, [gen], limit_param=limit_param)
     tally = generation.Tally(prompt=len(prompt))
     if req.stream:
         writer = ChatChunks(runtime, req, rid, config)

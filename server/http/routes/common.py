@@ -18,7 +18,7 @@ from fastapi import Request
 from moeserve.server.engine.engine import EngineDeadError
 from moeserve.server.engine.events import Event, GenerationRequest
 from moeserve.server.engine.sampling import SamplingParams
-from moeserve.server.engine.scheduler import ContextLengthError, QueueFullError
+from moeserve.server.engine.scheduler import ContextLengthError, KVBudgetError, QueueFullError
 from moeserve.server.engine.session_keys import check_key, prompt_entry_key, scope_of
 from moeserve.server.http.context_length import completion_limit, from_engine
 from moeserve.server.http.deps import Runtime
@@ -187,7 +187,10 @@ def prompt_session(key: str | None, prompt: int) -> str | None:
 
 
 async def submit(
-    runtime: Runtime, requests: list[GenerationRequest], prompt_param: str = "messages"
+    runtime: Runtime,
+    requests: list[GenerationRequest],
+    prompt_param: str = "messages",
+    limit_param: str | None = "max_tokens",
 ) -> list[AsyncIterator[Event]]:
     """Hand a request's prompts to the engine, mapping refusals to OpenAI errors.
 
@@ -197,17 +200,20 @@ async def submit(
         runtime: The runtime.
         requests: One tokenised request per prompt.
         prompt_param: The request field holding the prompt, for errors.
+        limit_param: The field to blame when the KV budget refuses: ``max_tokens`` when the
+            request set its limit, None when the server chose it (then the prompt is too
+            long for the budget by itself).
 
     Returns:
         One event iterator per request.
 
     Raises:
-        APIError: 429 queue full, 400 context/validation, 503 engine down.
+        APIError: 429 queue full, 400 context/KV budget/validation, 503 engine down.
     """
     streams = []
     try:
         for request in requests:
-            streams.append(await _submit(runtime, request, prompt_param))
+            streams.append(await _submit(runtime, request, prompt_param, limit_param))
     except APIError:
         for request in requests:
             runtime.engine.abort(request.request_id)
@@ -216,7 +222,7 @@ async def submit(
 
 
 async def _submit(
-    runtime: Runtime, request: GenerationRequest, prompt_param: str
+    runtime: Runtime, request: GenerationRequest, prompt_param: str, limit_param: str | None
 ) -> AsyncIterator[Event]:
     try:
         return await runtime.engine.submit(request)
@@ -230,6 +236,8 @@ async def _submit(
         ) from e
     except ContextLengthError as e:
         raise from_engine(e, prompt_param) from e
+    except KVBudgetError as e:  # never fits, even alone: a 400, not "retry later"
+        raise APIError(400, str(e), code="kv_cache_budget_exceeded", param=limit_param) from e
     except EngineDeadError as e:
         raise engine_down(str(e)) from e
     except ValueError as e:

@@ -115,7 +115,8 @@ async def completions(req: CompletionRequest, runtime: RuntimeDep, http: Request
         for p, ids in enumerate(prompts)
     ]
     echoes = [runtime.tokenizer.decode(ids) if req.echo else "" for ids in prompts]
-    streams = await common.submit(runtime, requests, prompt_param="prompt")
+    limit_param = None if req.max_tokens is None else "max_tokens"
+    streams = await common.submit(runtime, requests, "prompt", limit_param)
     request_ids = [r.request_id for r in requests]
     tally = generation.Tally(prompt=sum(len(ids) for ids in prompts))
     if req.stream:

@@ -90,7 +90,7 @@ def test_a_normalizer_that_deletes_text_disables_the_bound(bpe_dir, normalizer) 
 
 def _token_runtime(max_model_len: int, default_max_tokens: int) -> SimpleNamespace:
     settings = SimpleNamespace(default_max_tokens=default_max_tokens)
-    return SimpleNamespace(max_model_len=max_model_len, settings=settings)
+    return SimpleNamespace(max_model_len=max_model_len, settings=settings, kv_budget=None)
 
 
 def test_a_requested_limit_is_kept_when_it_fits_and_refused_when_not() -> None:
