@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from moeserve.models.cache.quant import KVQuant
+
 # Positions per block. Small enough that a sequence's last, partly used block wastes little
 # (16 rows waste at most 240 positions), large enough that block tables stay short.
 BLOCK = 16
@@ -111,11 +113,13 @@ class CacheLayout:
     Args:
         kinds: One kind per decoder layer.
         itemsize: Bytes per element of the cache dtype.
+        quant: Positional tensors stored quantized (``kv_cache_bits``), or None.
     """
 
-    def __init__(self, kinds: list[CacheKind], itemsize: int) -> None:
+    def __init__(self, kinds: list[CacheKind], itemsize: int, quant: KVQuant | None = None) -> None:
         self.kinds = list(kinds)
         self.itemsize = itemsize
+        self.quant = quant
         windows: dict[int | None, list[int]] = {}
         for i, kind in enumerate(self.kinds):
             if is_positional(kind):
@@ -130,7 +134,27 @@ class CacheLayout:
         )
 
     def _position_bytes(self, layer: int) -> int:
-        return self.itemsize * sum(math.prod(s) for s in self.kinds[layer].token_shapes())
+        shapes = self.kinds[layer].token_shapes()
+        if self.quant is not None:
+            return sum(self.quant.position_bytes(s, self.itemsize) for s in shapes)
+        return self.itemsize * sum(math.prod(s) for s in shapes)
+
+    def quantized(self, bits: int | None) -> CacheLayout:
+        """This layout with positional tensors stored at ``bits`` (None: unchanged).
+
+        Args:
+            bits: 8, 4 or None.
+
+        Returns:
+            The layout to budget and store with.
+
+        Raises:
+            ValueError: ``bits`` unsupported, or a head dimension 32 does not divide.
+        """
+        if bits is None:
+            return self
+        shapes = [s for k in self.kinds if is_positional(k) for s in k.token_shapes()]
+        return CacheLayout(self.kinds, self.itemsize, KVQuant.for_shapes(bits, shapes))
 
     @property
     def bytes_per_token(self) -> int:

@@ -24,19 +24,28 @@ class Pool:
         shapes: Layer index -> the per-position (or per-row) shapes of its tensors.
         unit: Leading-axis entries per id (``BLOCK`` for blocks, 1 for recurrent rows).
         dtype: Element type.
+        dtypes: Per layer, an element type for each array instead (quantized storage keeps
+            ``uint32`` words beside scales in ``dtype``).
     """
 
-    def __init__(self, shapes: dict[int, tuple[tuple[int, ...], ...]], unit: int, dtype: mx.Dtype):
+    def __init__(
+        self,
+        shapes: dict[int, tuple[tuple[int, ...], ...]],
+        unit: int,
+        dtype: mx.Dtype,
+        dtypes: dict[int, tuple[mx.Dtype, ...]] | None = None,
+    ):
         self.shapes = shapes
         self.unit = unit
         self.dtype = dtype
+        self.dtypes = dtypes or {layer: (dtype,) * len(s) for layer, s in shapes.items()}
         self.capacity = 0
         self.free: list[int] = []
         self.arrays: dict[int, list[mx.array]] = {layer: [] for layer in shapes}
-        self.unit_bytes = (
-            unit
-            * dtype.size
-            * sum(math.prod(s) for per_layer in shapes.values() for s in per_layer)
+        self.unit_bytes = unit * sum(
+            t.size * math.prod(s)
+            for layer, per_layer in shapes.items()
+            for s, t in zip(per_layer, self.dtypes[layer])
         )
 
     @property
@@ -116,10 +125,10 @@ class Pool:
         for layer, shapes in self.shapes.items():
             old = self.arrays[layer] or [None] * len(shapes)
             fresh = []
-            for a, shape in zip(old, shapes):
+            for a, shape, dtype in zip(old, shapes, self.dtypes[layer]):
                 head = keep(a) if a is not None else None
                 used = 0 if head is None else head.shape[0]
-                tail = mx.zeros((capacity * self.unit - used, *shape), self.dtype)
+                tail = mx.zeros((capacity * self.unit - used, *shape), dtype)
                 fresh.append(tail if head is None else mx.concatenate([head, tail]))
             self.arrays[layer] = fresh if capacity else []
         mx.eval([a for arrays in self.arrays.values() for a in arrays])

@@ -71,10 +71,7 @@ class CacheStore:
         self.layout = layout
         self.dtype = dtype
         self.max_bytes = max_bytes
-        self.pools = [
-            Pool({i: layout.kinds[i].token_shapes() for i in g.layers}, BLOCK, dtype)
-            for g in layout.groups
-        ]
+        self.pools = [self._positional_pool(g.layers) for g in layout.groups]
         self.group_of = {i: gi for gi, g in enumerate(layout.groups) for i in g.layers}
         self.states = (
             Pool({i: layout.kinds[i].shapes for i in layout.recurrent}, 1, dtype)
@@ -82,6 +79,40 @@ class CacheStore:
             else None
         )
         self.rows: dict[str, Row] = {}
+
+    def _positional_pool(self, layers: tuple[int, ...]) -> Pool:
+        """The block pool of one group: each tensor as is, or as quantized words and scales."""
+        quant = self.layout.quant
+        if quant is None:
+            return Pool({i: self.layout.kinds[i].token_shapes() for i in layers}, BLOCK, self.dtype)
+        stored = {
+            i: [a for s in self.layout.kinds[i].token_shapes() for a in quant.stored(s, self.dtype)]
+            for i in layers
+        }
+        return Pool(
+            {i: tuple(s for s, _ in arrays) for i, arrays in stored.items()},
+            BLOCK,
+            self.dtype,
+            {i: tuple(t for _, t in arrays) for i, arrays in stored.items()},
+        )
+
+    def write(self, layer: int, index: mx.array, values: list[mx.array]) -> None:
+        """Store a positional layer's tensors (``[N, H, D]`` each) at pool ``index`` ``[N]``."""
+        arrays = self.pools[self.group_of[layer]].arrays[layer]
+        quant = self.layout.quant
+        for j, v in enumerate(values):
+            if quant is None:
+                arrays[j][index] = v
+            else:
+                quant.write(arrays[3 * j : 3 * j + 3], index, v)
+
+    def read(self, layer: int, index: mx.array) -> list[mx.array]:
+        """A positional layer's tensors at pool ``index`` (any shape ``I``): ``[*I, H, D]``."""
+        arrays = self.pools[self.group_of[layer]].arrays[layer]
+        quant = self.layout.quant
+        if quant is None:
+            return [a[index] for a in arrays]
+        return [quant.read(arrays[j : j + 3], index, self.dtype) for j in range(0, len(arrays), 3)]
 
     # ----- accounting ---------------------------------------------------------------------
 
@@ -211,11 +242,8 @@ class CacheStore:
             gi = self.group_of[i]
             start = row.dropped[gi] * BLOCK
             idx = mx.array(self.slots(gi, row, start, row.length))
-            layers.append(
-                tuple(
-                    mx.contiguous(a[idx][None].transpose(0, 2, 1, 3))
-                    for a in self.pools[gi].arrays[i]
-                )
+            layers.append(  # dequantized, if stored quantized: entries stay exact copies
+                tuple(mx.contiguous(a[None].transpose(0, 2, 1, 3)) for a in self.read(i, idx))
             )
             starts.append(start)
         mx.eval([a for t in layers for a in t])
@@ -263,8 +291,14 @@ class CacheStore:
             idx = mx.array(self.slots(gi, row, start, length))
             for i in group.layers:
                 offset = start - snap.starts[i]
-                for a, t in zip(self.pools[gi].arrays[i], snap.layers[i]):
-                    a[idx] = t[0, :, offset : offset + length - start].transpose(1, 0, 2)
+                self.write(
+                    i,
+                    idx,
+                    [
+                        t[0, :, offset : offset + length - start].transpose(1, 0, 2)
+                        for t in snap.layers[i]
+                    ],
+                )
         slot = mx.array([row.slot], dtype=mx.int32) if row.slot is not None else None
         for i in self.layout.recurrent if length else ():  # at 0: add's zero state is exact
             states = recurrent[i] if isinstance(recurrent, dict) else snap.layers[i]

@@ -88,15 +88,11 @@ class LayerView:
         Returns:
             ``[B, H, S, D]`` each, right-padded per row (the mask hides the padding).
         """
-        store, gi = self._step.store, self._step.store.group_of[self.layer]
-        group = self._step.groups[gi]
-        pools = store.pools[gi].arrays[self.layer]
-        out = []
-        for pool, t in zip(pools, tensors):
-            B, H, L, D = t.shape
-            pool[group.write] = t.transpose(0, 2, 1, 3).reshape(B * L, H, D)
-            out.append(pool[group.gather].transpose(0, 2, 1, 3))  # [B, H, S, D]
-        return tuple(out)
+        store = self._step.store
+        group = self._step.groups[store.group_of[self.layer]]
+        flat = [t.transpose(0, 2, 1, 3).reshape(-1, *t.shape[1:2], t.shape[3]) for t in tensors]
+        store.write(self.layer, group.write, flat)  # [B * L, H, D] each
+        return tuple(a.transpose(0, 2, 1, 3) for a in store.read(self.layer, group.gather))
 
     @property
     def state(self) -> list[mx.array]:

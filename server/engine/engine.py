@@ -111,6 +111,7 @@ class Engine:
         config: Scheduler limits.
         prompt_cache: Sessions' KV caches, reused across turns.
         kv_cache_max_bytes: Bound on running sequences' cache memory (None: only the count).
+        kv_cache_bits: Quantize positional cache tensors to 8 or 4 bits (None: off).
         grammar: Compiles constraints (``engine.grammar.json_schema(...)`` from any thread);
             one for ``tokenizer`` is made when not given.
     """
@@ -123,12 +124,13 @@ class Engine:
         prompt_cache: PromptCache | None = None,
         grammar: GrammarCompiler | None = None,
         kv_cache_max_bytes: int | None = None,
+        kv_cache_bits: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.grammar = grammar or GrammarCompiler(tokenizer)
         self.prompt_cache = prompt_cache
         self.config = config
-        self.runner = Runner(model, max_bytes=kv_cache_max_bytes)
+        self.runner = Runner(model, max_bytes=kv_cache_max_bytes, kv_bits=kv_cache_bits)
         budget = None
         if kv_cache_max_bytes is not None:
             budget = KVBudget(self.runner.store.layout, kv_cache_max_bytes)

@@ -54,14 +54,20 @@ class Runner:
         model: Any model of the model protocol.
         sampler: The batched sampler.
         max_bytes: The KV budget; the store's spare capacity never grows past it.
+        kv_bits: Store positional cache tensors quantized at 8 or 4 bits (None: as computed).
     """
 
     def __init__(
-        self, model: LanguageModel, sampler: Sampler | None = None, max_bytes: int | None = None
+        self,
+        model: LanguageModel,
+        sampler: Sampler | None = None,
+        max_bytes: int | None = None,
+        kv_bits: int | None = None,
     ) -> None:
         self.model = model
         self.sampler = sampler or Sampler()
-        self.store = CacheStore(model.cache_layout(), model.cache_dtype(), max_bytes)
+        layout = model.cache_layout().quantized(kv_bits)
+        self.store = CacheStore(layout, model.cache_dtype(), max_bytes)
         self._rows: list[str] = []  # decode batch row order (seq ids)
         # Recurrent states at the end of each prompt: exact there only, so the prompt cache
         # can resume a later turn from that boundary (seq_id -> (position, states)).
