@@ -37,7 +37,7 @@ from moeserve.server.engine.prompt_cache import PromptCache, PromptCacheConfig
 from moeserve.server.http.deps import Runtime
 from moeserve.server.http.metrics import Metrics
 from moeserve.server.kv_memory import resolve_kv_cache_max_bytes
-from moeserve.server.settings import Settings
+from moeserve.server.settings import Settings, SettingsError
 from moeserve.server.text.chat_template import CHATML_TEMPLATE
 from moeserve.server.text.formats import DEFAULT_TOOL_FORMAT, detect_tool_format
 from moeserve.server.text.tokenizer import Tokenizer
@@ -245,6 +245,8 @@ def summary_line(
     aliases = f" (aliases: {', '.join(served.aliases)})" if served.aliases else ""
     layers = served.loaded.model.cache_layout().describe()
     bound = "no byte bound" if kv_cache_max_bytes is None else format_bytes(kv_cache_max_bytes)
+    if settings.kv_cache_bits:
+        bound += f", {settings.kv_cache_bits}-bit"
     return (
         f"serving {served.model_id}{aliases}: {served.loaded.model_type}, "
         f"{format_count(count_parameters(served.loaded.model))} parameters, "
@@ -313,9 +315,13 @@ def build_runtime(settings: Settings) -> Runtime:
     """
     served = load_served_model(settings)
     config = settings.scheduler_config(served.max_model_len)
+    try:
+        layout = served.loaded.model.cache_layout().quantized(settings.kv_cache_bits)
+    except ValueError as e:  # heads the quantization groups cannot divide
+        raise SettingsError(str(e), ("kv_cache_bits",)) from e
     kv_bytes = resolve_kv_cache_max_bytes(
         settings.kv_cache_max_bytes,
-        served.loaded.model.cache_layout(),
+        layout,
         weights=weight_bytes(served),
         prompt_cache=settings.prompt_cache_max_bytes if settings.prompt_cache else 0,
         max_model_len=config.max_model_len,
@@ -327,6 +333,7 @@ def build_runtime(settings: Settings) -> Runtime:
         config,
         prompt_cache=_prompt_cache(settings, served) if settings.prompt_cache else None,
         kv_cache_max_bytes=kv_bytes,
+        kv_cache_bits=settings.kv_cache_bits,
     )
     engine.start()
     engine.grammar.ll_tokenizer  # noqa: B018  build llguidance's tokenizer now, not on a request

@@ -155,3 +155,29 @@ def test_concurrent_streams_over_the_budget_complete_unchanged_by_preemption(htt
     assert [(t, f, [u[k] for k in counts]) for t, f, u in together] == [
         (t, f, [u[k] for k in counts]) for t, f, u in alone
     ]
+
+
+def test_quantized_kv_serves_and_is_named_at_startup(tmp_path_factory) -> None:
+    from moeserve.devtools.demo import build_checkpoint
+    from tests.live import LiveServer
+
+    # Heads of 32 values: the narrowest that quantization groups divide.
+    wide = build_checkpoint(
+        tmp_path_factory.mktemp("wide"), CheckpointSpec(seed=5, hidden_size=128)
+    )
+    live = LiveServer.start(
+        wide,
+        "--kv-cache-bits",
+        "8",
+        "--model-alias",
+        "tiny",
+        log_dir=tmp_path_factory.mktemp("wide-log"),
+    )
+    try:
+        with httpx.Client(base_url=live.url, timeout=60.0) as c:
+            got = c.post(CHAT, json=_body(12, 8, temperature=0))
+            assert got.status_code == 200, got.text
+            assert got.json()["usage"]["completion_tokens"] == 8
+    finally:
+        live.stop()
+    assert "8-bit" in live.output()

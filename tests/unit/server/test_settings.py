@@ -255,6 +255,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "prompt_cache_ttl_seconds": [0, "nan"],
     "prompt_cache_dir": [["not", "a", "path"]],
     "kv_cache_max_bytes": [-1, 1.5, "lots"],
+    "kv_cache_bits": [2, 16, "eight"],
     "cpu_fast_math": ["sometimes"],
     "mlx_cache_limit_bytes": [-1, "big"],
 }
