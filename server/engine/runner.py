@@ -31,6 +31,10 @@ from moeserve.server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
+# Turn boundaries a snapshot keeps for recurrent layers (the latest ones): each is one copy of
+# every recurrent layer's state, so a long agent loop would otherwise grow its entry per turn.
+MAX_BOUNDARIES = 8
+
 
 @dataclass
 class StepResult:
@@ -69,9 +73,10 @@ class Runner:
         layout = model.cache_layout().quantized(kv_bits)
         self.store = CacheStore(layout, model.cache_dtype(), max_bytes)
         self._rows: list[str] = []  # decode batch row order (seq ids)
-        # Recurrent states at the end of each prompt: exact there only, so the prompt cache
-        # can resume a later turn from that boundary (seq_id -> (position, states)).
-        self._prompt_ends: dict[str, tuple[int, list]] = {}
+        # Recurrent states at turn boundaries (the ends of earlier prompts and replies, and of
+        # this prompt): exact there only, so the prompt cache can resume a later turn from
+        # the longest one the new prompt still shares (seq_id -> {position: states}).
+        self._boundaries: dict[str, dict[int, list]] = {}
         self.max_batch_seen = 0  # largest decode batch so far (tests and stats)
 
     @property
@@ -87,6 +92,11 @@ class Runner:
             snap: The prompt-cache entry's state (copied into the store; never modified).
         """
         self.store.adopt(seq.seq_id, snap, seq.num_computed)
+        if self.store.states is not None:  # the entry's boundaries hold for this prefix too
+            kept = {p: s for p, s in snap.boundaries.items() if p <= seq.num_computed}
+            if snap.length <= seq.num_computed:
+                kept[snap.length] = [snap.layers[i] for i in self.store.layout.recurrent]
+            self._boundaries[seq.seq_id] = kept
 
     def snapshot(self, seq_id: str) -> Snapshot | None:
         """A copy of a sequence's cache state, with its prompt-end recurrent state.
@@ -100,10 +110,9 @@ class Runner:
         if seq_id not in self.store.rows or self.store.rows[seq_id].length == 0:
             return None
         snap = self.store.snapshot(seq_id)
-        if seq_id in self._prompt_ends:
-            position, states = self._prompt_ends[seq_id]
-            if position < snap.length:
-                snap.boundaries[position] = states
+        saved = self._boundaries.get(seq_id, {})
+        for position in sorted(p for p in saved if p < snap.length)[-MAX_BOUNDARIES:]:
+            snap.boundaries[position] = saved[position]
         return snap
 
     def step(self, plan: StepPlan) -> StepResult:
@@ -130,7 +139,8 @@ class Runner:
             if chunk.is_last:
                 finished_prefill.append(seq_id)
                 if self.store.states is not None and not seq.output_ids:
-                    self._prompt_ends[seq_id] = (chunk.end, self.store.recurrent_state(seq_id))
+                    states = self.store.recurrent_state(seq_id)
+                    self._boundaries.setdefault(seq_id, {})[chunk.end] = states
             if chunk.samples:
                 logits.append(out[:, -1, :])
                 order.append(seq)
@@ -175,4 +185,4 @@ class Runner:
         self._rows = [r for r in self._rows if r not in leaving]
         for seq_id in leaving:
             self.store.remove(seq_id)
-            self._prompt_ends.pop(seq_id, None)
+            self._boundaries.pop(seq_id, None)
