@@ -14,7 +14,7 @@ This module knows the arithmetic only; when it is worth using (device, setting, 
 kinds) is the CPU backend's decision (``models/backend/cpu.py``).
 
 Shape legend: B = batch, H = query heads, K = key/value heads, G = H / K, L = queries,
-S = keys, D = head dim.
+S = keys, D = head dim (of queries and keys), E = value head dim (MLA's differs from D).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def decode(
         if keep.shape[1] == H:
             keep = keep.reshape(mask.shape[0], K, G, S)
     probs = fastmath.softmax(scores, axis=-1, keep=keep).astype(v.dtype)
-    return (probs @ v).reshape(B, H, 1, D)  # [B, K, G, D] -> [B, H, 1, D]
+    return (probs @ v).reshape(B, H, 1, v.shape[-1])  # [B, K, G, E] -> [B, H, 1, E]
 
 
 def causal_blocks(
@@ -107,5 +107,5 @@ def causal_blocks(
         weights = exp(scores, mx.max(scores, axis=-1, keepdims=True))
         total = mx.sum(weights, axis=-1, keepdims=True)  # [B, K, G*n, 1]
         out = (weights @ v[:, :, :visible].astype(mx.float32)) / total  # [B, K, G*n, D]
-        outs.append(out.reshape(B, K, G, n, D))
-    return mx.concatenate(outs, axis=3).reshape(B, H, L, D).astype(q.dtype)
+        outs.append(out.reshape(B, K, G, n, v.shape[-1]))
+    return mx.concatenate(outs, axis=3).reshape(B, H, L, v.shape[-1]).astype(q.dtype)

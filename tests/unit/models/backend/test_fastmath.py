@@ -88,7 +88,7 @@ def test_decode_attention_matches_mlx_attention(
     k = mx.random.normal((B, K, S, 16), key=keys[1])
     v = mx.random.normal((B, K, S, 16), key=keys[2])
     pad = mx.array([i % 3 for i in range(B)])
-    real = mx.arange(S)[None, :] >= pad[:, None]  # [B, S]: left padding, as BatchKVCache
+    real = mx.arange(S)[None, :] >= pad[:, None]  # [B, S]: some columns hidden per row
     masks = {
         "padding": real[:, None, None, :],  # [B, 1, 1, S]
         "per-head": mx.broadcast_to(real[:, None, None, :], (B, H, 1, S)),
@@ -102,6 +102,20 @@ def test_decode_attention_matches_mlx_attention(
     assert mx.allclose(got, want, atol=2e-6).item()
     # The compiled path really ran: its exp rounds differently from MLX's.
     assert not mx.array_equal(got, want).item()
+
+
+@pytest.mark.parametrize("L", [1, 9])
+def test_values_narrower_than_keys(fast, small_arrays_too, L) -> None:
+    # MLA (DeepSeek-V3) attends with 192-wide query/key heads and 128-wide values.
+    keys = mx.random.split(mx.random.key(L), 3)
+    q = mx.random.normal((2, 4, L, 24), key=keys[0])
+    k = mx.random.normal((2, 2, 12, 24), key=keys[1])
+    v = mx.random.normal((2, 2, 12, 16), key=keys[2])
+    mask = "causal" if L > 1 else None
+    got = attend(q, k, v, scale=0.2, mask=mask)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask)
+    assert got.shape == want.shape == (2, 4, L, 16)
+    assert mx.allclose(got, want, atol=2e-6).item()
 
 
 @pytest.mark.parametrize(
