@@ -112,8 +112,9 @@ def wide(tmp_path_factory):
 def test_quantized_kv_stays_close_and_costs_less(wide, bits, tolerance) -> None:
     prompt = mx.array([[5, 17, 42, 8, 60, 11, 5, 99, 3, 7, 250, 31, 12, 9, 40, 2, 77]])
     layout = wide.cache_layout()
-    exact, quant = wide.make_cache(), SequenceCache(
-        CacheStore(layout.quantized(bits), wide.cache_dtype())
+    exact, quant = (
+        wide.make_cache(),
+        SequenceCache(CacheStore(layout.quantized(bits), wide.cache_dtype())),
     )
     a, b = wide(prompt, cache=exact)[:, -1], wide(prompt, cache=quant)[:, -1]
     diffs = [mx.abs(a - b).max().item()]
