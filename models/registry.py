@@ -31,6 +31,15 @@ _ALIASES: dict[str, str] = {
 }
 
 
+def registered_model_types() -> list[str]:
+    """The model types with a module (no aliases), in registration order.
+
+    Returns:
+        The names.
+    """
+    return list(_MODULES)
+
+
 def supported_model_types() -> list[str]:
     """The model types we can load, aliases included.
 

@@ -1,7 +1,9 @@
-"""Our five architectures against their reference implementations' golden logits.
+"""Every registered architecture against its reference implementation's golden logits.
 
 The goldens come from transformers (mlx-lm for bailing_moe), computed by
-tests/fixtures/make_fixtures.py; nothing here needs torch.
+tests/fixtures/make_fixtures.py (the first five families) and tests/fixtures/gen_families.py
+(the newer ones, which also record logits of tokens decoded one at a time through the
+reference's own cache); nothing here needs torch.
 """
 
 from __future__ import annotations
@@ -13,16 +15,22 @@ from mlx.utils import tree_flatten
 
 from moeserve.models import load_model
 from moeserve.models.loader import build_model, read_json
+from moeserve.models.registry import registered_model_types
 from tests.helpers import FIXTURES, variants
 
 ATOL = 1e-4
-FAMILIES = ("qwen2_moe", "glm4_moe", "bailing_moe", "granitemoe", "dbrx")
+# Every registered model type has fixtures (a variant is named "<model_type>_<letter>").
+FAMILIES = tuple(registered_model_types())
+
+
+def _family(variant: str) -> str:
+    return variant.rsplit("_", 1)[0]
 
 
 def test_every_family_has_fixtures_in_all_layouts() -> None:
     # Guards against the parametrized tests below silently collecting nothing.
     for layout in ("hf", "mlx", "mlx_q4"):
-        covered = {v.rsplit("_", 1)[0] for v in variants(layout)}
+        covered = {_family(v) for v in variants(layout)}
         assert covered == set(FAMILIES), (layout, covered)
 
 
@@ -114,3 +122,29 @@ def test_last_only_logits_are_the_last_row(variant: str) -> None:
     cache = model.make_cache()
     model(ids[:, :4], cache=cache)
     assert _max_diff(model(ids[:, 4:], cache=cache, last_only=True), full[:, -1:]) < ATOL
+
+
+def _with_decode() -> list[str]:
+    return [
+        v
+        for v in variants("hf")
+        if (FIXTURES / v / "golden.safetensors").is_file() and "decode_ids" in _golden(v)
+    ]
+
+
+@pytest.mark.parametrize("variant", _with_decode())
+@pytest.mark.parametrize("layout", ["hf", "mlx"])
+def test_decode_through_the_cache_matches_reference(variant: str, layout: str) -> None:
+    # The reference fed these tokens one at a time through its own cache after the prompt:
+    # where sliding windows, recurrent state and MLA differ from a full forward pass.
+    if not (FIXTURES / variant / layout / "config.json").is_file():
+        pytest.skip(f"{variant} has no {layout} layout")
+    model, _ = load_model(FIXTURES / variant / layout, dtype="float32")
+    golden = _golden(variant)
+    cache = model.make_cache()
+    assert _max_diff(model(golden["input_ids"], cache=cache), golden["logits"]) < ATOL
+    steps = [
+        model(golden["decode_ids"][:, t : t + 1], cache=cache)
+        for t in range(golden["decode_ids"].shape[1])
+    ]
+    assert _max_diff(mx.concatenate(steps, axis=1), golden["decode_logits"]) < ATOL
