@@ -1,7 +1,8 @@
 """Grouped-query self-attention, written once for every architecture.
 
 Knows: separate or fused QKV projections, optional biases, DBRX's ``clip_qkv``, optional
-per-head RMSNorm on queries and keys (GLM-4-MoE, Bailing), rotary embeddings from
+per-head RMSNorm on queries and keys (GLM-4-MoE, Bailing), Qwen3-Next's sigmoid output gate
+(``output_gate``), rotary embeddings from
 ``layers/rope.py``, and writing into any cache from ``models/cache.py``. Parameter names are
 configurable so that every family keeps the names its MLX-layout checkpoints use. The
 attention itself is ``models.backend.sdpa``: how it runs on this device is not known here.
@@ -53,6 +54,9 @@ class AttentionConfig:
     scale: float | None = None  # softmax scale; default 1/sqrt(D) (Granite sets its own)
     sliding_window: int | None = None  # attend to the last N positions only (gpt-oss, Gemma)
     sinks: bool = False  # a learned per-head logit in every softmax's denominator (gpt-oss)
+    # Qwen3-Next: q_proj emits, per head, D query channels then D gate channels, and the
+    # attention output is multiplied by sigmoid(gate) before o_proj (separate q only).
+    output_gate: bool = False
     names: AttentionNames = AttentionNames()
 
 
@@ -89,7 +93,8 @@ class Attention(nn.Module):
         if n.qkv:
             setattr(self, n.qkv, nn.Linear(M, (H + 2 * K) * D, bias=cfg.qkv_bias))
         else:
-            setattr(self, n.q, nn.Linear(M, H * D, bias=cfg.qkv_bias))
+            q_width = 2 * H * D if cfg.output_gate else H * D
+            setattr(self, n.q, nn.Linear(M, q_width, bias=cfg.qkv_bias))
             setattr(self, n.k, nn.Linear(M, K * D, bias=cfg.qkv_bias))
             setattr(self, n.v, nn.Linear(M, K * D, bias=cfg.qkv_bias))
         setattr(self, n.o, nn.Linear(H * D, M, bias=cfg.o_bias))
@@ -141,6 +146,10 @@ class Attention(nn.Module):
         c, n = self.cfg, self.cfg.names
         B, L, _ = x.shape
         q, k, v = self._project(x)
+        gate = None
+        if c.output_gate:  # [B, L, H, 2D] -> query [B, L, H, D] and gate [B, L, H*D]
+            q, gate = mx.split(q.reshape(B, L, c.num_heads, 2 * c.head_dim), 2, axis=-1)
+            gate = gate.reshape(B, L, -1)
         q = q.reshape(B, L, c.num_heads, c.head_dim)  # [B, L, H, D]
         k = k.reshape(B, L, c.num_kv_heads, c.head_dim)  # [B, L, K, D]
         v = v.reshape(B, L, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)  # [B, K, L, D]
@@ -156,6 +165,8 @@ class Attention(nn.Module):
         sinks = self.sinks if c.sinks else None
         out = backend.sdpa(q, k, v, scale=self.scale, mask=mask, sinks=sinks)  # [B, H, L, D]
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, H*D]
+        if gate is not None:
+            out = out * mx.sigmoid(gate)
         return getattr(self, n.o)(out)
 
 
