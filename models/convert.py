@@ -17,6 +17,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from moeserve.models.fp8 import fp8_config
 from moeserve.models.loader import load
 from moeserve.models.quantize import quantize_model
 
@@ -106,6 +107,8 @@ def convert(
         raise FileExistsError(f"{out} exists and is not empty")
     loaded = load(src, dtype=dtype)
     config = dict(loaded.config)
+    if fp8_config(config) is not None:  # the loader decoded the FP8 weights: they are float now
+        del config["quantization_config"]
     if quantize and (config.get("quantization") or config.get("quantization_config")):
         raise ValueError(f"{src} is already quantized; convert from a float checkpoint")
     if quantize:

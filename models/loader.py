@@ -3,7 +3,8 @@
 Knows: local directories and Hugging Face repo ids (through ``huggingface_hub``, honouring
 ``HF_HUB_OFFLINE``), ``config.json`` / ``generation_config.json``, single-file and sharded
 safetensors, both checkpoint layouts (each model's ``sanitize`` maps the publisher's names to
-ours), mlx-lm's quantization config with per-module overrides, and dtype casting. Every
+ours), mlx-lm's quantization config with per-module overrides, publishers' block-FP8 weights
+(decoded to float by ``models.fp8`` before ``sanitize``), and dtype casting. Every
 failure raises a ``models.errors`` exception whose message names the file, key or tensor.
 Knows nothing about tokenizers, HTTP or serving.
 """
@@ -24,6 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from moeserve.models.errors import CheckpointError, ConfigError, ModelNotFoundError
+from moeserve.models.fp8 import dequantize_fp8, fp8_config
 from moeserve.models.quantize import checkpoint_predicate
 from moeserve.models.registry import canonical_model_type, get_model_module
 
@@ -263,6 +265,8 @@ def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
     quant = config.get("quantization")
     other = config.get("quantization_config")
     if quant is None and isinstance(other, dict):
+        if fp8_config(config) is not None:  # decoded to float at load (models/fp8.py)
+            return None
         if "quant_method" in other:  # GPTQ, AWQ, FP8 ...: a torch-side format
             raise CheckpointError(
                 f"quantization method {other['quant_method']!r} is not supported; convert the "
@@ -334,7 +338,9 @@ def load(
     path = resolve_model_path(path_or_repo)
     config = read_json(path / "config.json")
     model, model_type = build_model(config)
-    weights = model.sanitize(read_weights(path))
+    target = parse_dtype(dtype)
+    # A block-FP8 publisher checkpoint becomes float here, so sanitize sees float tensors.
+    weights = model.sanitize(dequantize_fp8(read_weights(path), config, target))
     quant = _quantization(config)
     if quant is not None:
         nn.quantize(
@@ -346,7 +352,6 @@ def load(
                 quant, {k: tuple(v.shape) for k, v in weights.items()}
             ),
         )
-    target = parse_dtype(dtype)
     if target is not None:
         _cast(model, weights, target)
     check_weights(model, weights, path)
