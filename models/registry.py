@@ -18,6 +18,7 @@ _MODULES: dict[str, str] = {
     "bailing_moe": "moeserve.models.bailing_moe",
     "granitemoe": "moeserve.models.granitemoe",
     "dbrx": "moeserve.models.dbrx",
+    "minimax_m2": "moeserve.models.minimax_m2",
 }
 
 # Other names for a supported type: the ``architectures`` class names that publishers put in
@@ -28,6 +29,8 @@ _ALIASES: dict[str, str] = {
     "BailingMoeForCausalLM": "bailing_moe",
     "GraniteMoeForCausalLM": "granitemoe",
     "DbrxForCausalLM": "dbrx",
+    "MiniMaxM2ForCausalLM": "minimax_m2",
+    "minimax": "minimax_m2",  # mlx-lm's name; MiniMax-Text-01 configs are refused by ModelArgs
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from moeserve.models import bailing_moe, dbrx, glm4_moe, granitemoe, qwen2_moe
+from moeserve.models import bailing_moe, dbrx, glm4_moe, granitemoe, minimax_m2, qwen2_moe
 from moeserve.models.base import BaseModelArgs, CausalLM
 
 
@@ -169,7 +169,30 @@ DBRX = Family(
     decode_ids=((3, 17, 42, 8, 40, 11, 5), (9, 9, 1, 0, 33, 47, 2)),
 )
 
-FAMILIES = (QWEN2_MOE, GLM4_MOE, BAILING_MOE, GRANITEMOE, DBRX)
+MINIMAX_M2 = Family(
+    minimax_m2,
+    {
+        "model_type": "minimax_m2",
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,  # H*D = 128 over a 64-wide residual, as in MiniMax-M2 (6144 / 3072)
+        "rotary_dim": 16,  # half of each head rotates
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "use_qk_norm": True,
+        "qk_norm_type": "per_layer",
+        "use_routing_bias": True,
+        "attn_type_list": [1, 1],
+    },
+    missing_key="num_local_experts",
+    decode_ids=((3, 17, 42, 8, 60, 11, 5), (9, 9, 1, 0, 33, 70, 2)),
+)
+
+FAMILIES = (QWEN2_MOE, GLM4_MOE, BAILING_MOE, GRANITEMOE, DBRX, MINIMAX_M2)
 
 
 def parameters(model: CausalLM) -> dict[str, mx.array]:
