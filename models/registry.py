@@ -19,6 +19,8 @@ _MODULES: dict[str, str] = {
     "granitemoe": "moeserve.models.granitemoe",
     "dbrx": "moeserve.models.dbrx",
     "minimax_m2": "moeserve.models.minimax_m2",
+    "qwen3_moe": "moeserve.models.qwen3_moe",
+    "mixtral": "moeserve.models.mixtral",
 }
 
 # Other names for a supported type: the ``architectures`` class names that publishers put in
@@ -31,6 +33,8 @@ _ALIASES: dict[str, str] = {
     "DbrxForCausalLM": "dbrx",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "minimax": "minimax_m2",  # mlx-lm's name; MiniMax-Text-01 configs are refused by ModelArgs
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 
 

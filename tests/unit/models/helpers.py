@@ -16,7 +16,16 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from moeserve.models import bailing_moe, dbrx, glm4_moe, granitemoe, minimax_m2, qwen2_moe
+from moeserve.models import (
+    bailing_moe,
+    dbrx,
+    glm4_moe,
+    granitemoe,
+    minimax_m2,
+    mixtral,
+    qwen2_moe,
+    qwen3_moe,
+)
 from moeserve.models.base import BaseModelArgs, CausalLM
 
 
@@ -169,6 +178,46 @@ DBRX = Family(
     decode_ids=((3, 17, 42, 8, 40, 11, 5), (9, 9, 1, 0, 33, 47, 2)),
 )
 
+QWEN3_MOE = Family(
+    qwen3_moe,
+    {
+        "model_type": "qwen3_moe",
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,  # wider than hidden_size / heads, as in Qwen3-30B-A3B
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "norm_topk_prob": True,
+        "attention_bias": True,
+    },
+    missing_key="moe_intermediate_size",
+    decode_over={"num_hidden_layers": 3, "decoder_sparse_step": 2, "mlp_only_layers": [2]},
+)
+
+MIXTRAL = Family(
+    mixtral,
+    {
+        "model_type": "mixtral",
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 3,  # the decoding check crosses the window
+    },
+    missing_key="num_local_experts",
+    decode_ids=((3, 17, 42, 8, 60, 11, 5), (9, 9, 1, 0, 33, 70, 2)),
+)
+
 MINIMAX_M2 = Family(
     minimax_m2,
     {
@@ -192,7 +241,16 @@ MINIMAX_M2 = Family(
     decode_ids=((3, 17, 42, 8, 60, 11, 5), (9, 9, 1, 0, 33, 70, 2)),
 )
 
-FAMILIES = (QWEN2_MOE, GLM4_MOE, BAILING_MOE, GRANITEMOE, DBRX, MINIMAX_M2)
+FAMILIES = (
+    QWEN2_MOE,
+    GLM4_MOE,
+    BAILING_MOE,
+    GRANITEMOE,
+    DBRX,
+    QWEN3_MOE,
+    MIXTRAL,
+    MINIMAX_M2,
+)
 
 
 def parameters(model: CausalLM) -> dict[str, mx.array]:
