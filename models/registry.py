@@ -18,6 +18,8 @@ _MODULES: dict[str, str] = {
     "bailing_moe": "moeserve.models.bailing_moe",
     "granitemoe": "moeserve.models.granitemoe",
     "dbrx": "moeserve.models.dbrx",
+    "qwen3_next": "moeserve.models.qwen3_next",
+    "qwen3_5_moe": "moeserve.models.qwen3_5_moe",
     "minimax_m2": "moeserve.models.minimax_m2",
     "qwen3_moe": "moeserve.models.qwen3_moe",
     "mixtral": "moeserve.models.mixtral",
@@ -31,6 +33,10 @@ _ALIASES: dict[str, str] = {
     "BailingMoeForCausalLM": "bailing_moe",
     "GraniteMoeForCausalLM": "granitemoe",
     "DbrxForCausalLM": "dbrx",
+    "Qwen3NextForCausalLM": "qwen3_next",
+    "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",  # transformers' text-only class (flat config)
+    "qwen3_5_moe_text": "qwen3_5_moe",  # that flat config's model_type
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "minimax": "minimax_m2",  # mlx-lm's name; MiniMax-Text-01 configs are refused by ModelArgs
     "Qwen3MoeForCausalLM": "qwen3_moe",
