@@ -26,6 +26,8 @@ from mlx.utils import tree_flatten
 
 from moeserve.models.errors import CheckpointError, ConfigError, ModelNotFoundError
 from moeserve.models.fp8 import dequantize_fp8, fp8_config
+from moeserve.models.mxfp4 import QUANTIZATION as MXFP4_QUANTIZATION
+from moeserve.models.mxfp4 import is_mxfp4
 from moeserve.models.quantize import checkpoint_predicate
 from moeserve.models.registry import canonical_model_type, get_model_module
 
@@ -265,6 +267,8 @@ def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
     quant = config.get("quantization")
     other = config.get("quantization_config")
     if quant is None and isinstance(other, dict):
+        if is_mxfp4(config):  # gpt-oss's publisher blocks are MLX's own mxfp4 (models/mxfp4.py)
+            return dict(MXFP4_QUANTIZATION)
         if fp8_config(config) is not None:  # decoded to float at load (models/fp8.py)
             return None
         if "quant_method" in other:  # GPTQ, AWQ, FP8 ...: a torch-side format

@@ -1,6 +1,7 @@
 """Weight quantization rules: which modules quantize, at what precision.
 
-Knows MLX's affine group quantization (``nn.quantize``) and mlx-lm's config format, in which
+Knows MLX's group quantization (``nn.quantize``: affine, and the scale-only modes such as
+mxfp4 that a checkpoint may carry) and mlx-lm's config format, in which
 ``config.json``'s ``quantization`` holds the defaults (``group_size``, ``bits``, ``mode``)
 plus per-module overrides keyed by module path (a dict of settings, or ``false`` for a module
 left in float). Knows nothing of any particular architecture: the model files pass their
@@ -125,9 +126,29 @@ def checkpoint_predicate(quant: dict[str, Any], shapes: dict[str, tuple[int, ...
         if packed and (32 * packed[-1]) % in_dims == 0 and in_dims % scales[-1] == 0:
             settings["bits"] = 32 * packed[-1] // in_dims
             settings["group_size"] = in_dims // scales[-1]
+        settings["mode"] = _mode(settings, f"{path}.biases" in shapes)
         return settings
 
     return predicate
+
+
+# The scale-only modes: each allows one (bits, group_size), with power-of-two or FP8 scales.
+_SCALE_ONLY_MODES = {(4, 32): "mxfp4", (4, 16): "nvfp4", (8, 32): "mxfp8"}
+
+
+def _mode(settings: dict[str, Any], has_biases: bool) -> str:
+    """The quantization mode of a module, as its tensors show it.
+
+    Only affine quantization stores per-group ``biases``; so a module with them is affine
+    whatever the config's default says (mlx-lm, quantizing the rest of an MXFP4 gpt-oss,
+    keeps ``"mode": "mxfp4"`` as the default and writes its 8-bit router override without a
+    mode), and one without them is in the scale-only mode its bits and group size allow.
+    """
+    if has_biases:
+        return "affine"
+    if settings.get("mode", "affine") != "affine":
+        return settings["mode"]
+    return _SCALE_ONLY_MODES.get((settings.get("bits"), settings.get("group_size")), "affine")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -18,6 +18,7 @@ _MODULES: dict[str, str] = {
     "bailing_moe": "moeserve.models.bailing_moe",
     "granitemoe": "moeserve.models.granitemoe",
     "dbrx": "moeserve.models.dbrx",
+    "gpt_oss": "moeserve.models.gpt_oss",
     "qwen3_next": "moeserve.models.qwen3_next",
     "qwen3_5_moe": "moeserve.models.qwen3_5_moe",
     "minimax_m2": "moeserve.models.minimax_m2",
@@ -33,6 +34,7 @@ _ALIASES: dict[str, str] = {
     "BailingMoeForCausalLM": "bailing_moe",
     "GraniteMoeForCausalLM": "granitemoe",
     "DbrxForCausalLM": "dbrx",
+    "GptOssForCausalLM": "gpt_oss",
     "Qwen3NextForCausalLM": "qwen3_next",
     "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
     "Qwen3_5MoeForCausalLM": "qwen3_5_moe",  # transformers' text-only class (flat config)

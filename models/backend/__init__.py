@@ -149,9 +149,11 @@ def rope(x: mx.array, offset: int | mx.array, schedule: RopeSchedule) -> mx.arra
     return current().rope(x, offset, schedule)
 
 
-def switch_glu(x: mx.array, inds: mx.array, gate: Any, up: Any, down: Any) -> mx.array:
+def switch_glu(
+    x: mx.array, inds: mx.array, gate: Any, up: Any, down: Any, activation: Any = None
+) -> mx.array:
     """Routed SwiGLU experts (``Backend.switch_glu``): ``[T, A, M]``."""
-    return current().switch_glu(x, inds, gate, up, down)
+    return current().switch_glu(x, inds, gate, up, down, activation)
 
 
 def forward_pass() -> Any:

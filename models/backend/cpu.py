@@ -109,10 +109,19 @@ class CpuBackend(Backend):
             return schedule.apply(x, offset)
         return self._tables.rotate(x, offset, schedule)
 
-    def switch_glu(self, x: mx.array, inds: mx.array, gate: Any, up: Any, down: Any) -> mx.array:
+    def switch_glu(
+        self,
+        x: mx.array,
+        inds: mx.array,
+        gate: Any,
+        up: Any,
+        down: Any,
+        activation: experts.Swiglu | None = None,
+    ) -> mx.array:
         """Same contract as ``Backend.switch_glu``; the strategy follows ``expert_strategy``."""
         strategy = self.expert_strategy(x.shape[0], "scales" in gate, x.dtype)
-        return experts.STRATEGIES[strategy](x, inds, gate, up, down, self.swiglu)
+        swiglu = activation or self.swiglu
+        return experts.STRATEGIES[strategy](x, inds, gate, up, down, swiglu)
 
     def expert_strategy(self, tokens: int, quantized: bool, dtype: mx.Dtype) -> str:
         """How routed experts run for ``tokens`` tokens (``experts.cpu_strategy``).

@@ -96,7 +96,15 @@ class Backend:
         """
         return schedule.apply(x, offset)
 
-    def switch_glu(self, x: mx.array, inds: mx.array, gate: Any, up: Any, down: Any) -> mx.array:
+    def switch_glu(
+        self,
+        x: mx.array,
+        inds: mx.array,
+        gate: Any,
+        up: Any,
+        down: Any,
+        activation: experts.Swiglu | None = None,
+    ) -> mx.array:
         """Each token through its selected SwiGLU experts (``models/backend/experts.py``).
 
         Args:
@@ -105,11 +113,13 @@ class Backend:
             gate: Stacked gate projection (``SwitchLinear`` or quantized).
             up: Stacked up projection.
             down: Stacked down projection.
+            activation: ``(gate, up) -> hidden`` for a family whose gated unit is not plain
+                SwiGLU (gpt-oss's clamped one); None: ``self.swiglu``.
 
         Returns:
             Per-expert outputs ``[T, A, M]``.
         """
-        return experts.gathered(x, inds, gate, up, down, self.swiglu)
+        return experts.gathered(x, inds, gate, up, down, activation or self.swiglu)
 
     @contextmanager
     def forward_pass(self) -> Iterator[None]:

@@ -37,6 +37,10 @@ class RopeSchedule:
     __slots__ = ("_key", "base", "dims", "freqs", "scale")
 
     def __init__(self, dims: int, base: float | None, scale: float, freqs: mx.array | None):
+        if freqs is not None:
+            # Computed now, on the thread that builds the model: a lazy array cannot be
+            # evaluated from another thread (the engine's), which has no stream of its own.
+            mx.eval(freqs)
         self.dims, self.base, self.scale, self.freqs = dims, base, scale, freqs
         self._key: Hashable | None = None
 

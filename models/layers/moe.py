@@ -14,7 +14,7 @@ The three routers our families use:
 
 * ``softmax_topk``   softmax over all experts, keep the top k, optionally renormalise
                      (Qwen2-MoE ``norm_topk_prob``; DBRX ``moe_normalize_expert_weights``).
-* ``topk_softmax``   keep the top k logits, softmax over just those (GraniteMoE).
+* ``topk_softmax``   keep the top k logits, softmax over just those (GraniteMoE, gpt-oss).
 * ``grouped_topk``   sigmoid (or softmax) scores, a selection-only correction bias, group
                      pruning, renormalisation and a scaling factor (GLM-4-MoE, Bailing).
 """
@@ -22,6 +22,7 @@ The three routers our families use:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -55,7 +56,7 @@ def softmax_topk(
 
 
 def topk_softmax(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """Keep the k largest logits, then softmax over just those (GraniteMoE).
+    """Keep the k largest logits, then softmax over just those (GraniteMoE, gpt-oss).
 
     Args:
         logits: Router logits ``[T, E]``.
@@ -279,10 +280,22 @@ class QuantizedSwitchLinear(nn.Module):
 
 
 class SwitchGLU(nn.Module):
-    """Routed experts: one SwiGLU MLP each, run only for the selected (token, expert) pairs."""
+    """Routed experts: one SwiGLU MLP each, run only for the selected (token, expert) pairs.
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, bias=False):
+    ``activation`` replaces ``silu(gate) * up`` for a family with its own gated unit
+    (gpt-oss's clamped SwiGLU); it is called on the gate and up projections' outputs.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        bias: bool = False,
+        activation: Callable[[mx.array, mx.array], mx.array] | None = None,
+    ):
         super().__init__()
+        self._activation = activation
         self.gate_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias)
         self.up_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias)
         self.down_proj = SwitchLinear(intermediate_size, hidden_size, num_experts, bias)
@@ -297,7 +310,9 @@ class SwitchGLU(nn.Module):
         Returns:
             Per-expert outputs ``[T, A, M]`` (combine with ``combine_experts``).
         """
-        return backend.switch_glu(x, inds, self.gate_proj, self.up_proj, self.down_proj)
+        return backend.switch_glu(
+            x, inds, self.gate_proj, self.up_proj, self.down_proj, self._activation
+        )
 
 
 class SharedExpertMoE(nn.Module):

@@ -20,6 +20,7 @@ from moeserve.models import (
     bailing_moe,
     dbrx,
     glm4_moe,
+    gpt_oss,
     granitemoe,
     minimax_m2,
     mixtral,
@@ -241,6 +242,35 @@ MINIMAX_M2 = Family(
     decode_ids=((3, 17, 42, 8, 60, 11, 5), (9, 9, 1, 0, 33, 70, 2)),
 )
 
+GPT_OSS = Family(
+    gpt_oss,
+    {
+        "model_type": "gpt_oss",
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 3,  # the decoding check crosses the window
+        "layer_types": ["sliding_attention", "full_attention"],
+        "swiglu_limit": 0.5,  # small enough that the clamps bite on random weights
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096,
+            "truncate": False,
+        },
+    },
+    missing_key="num_local_experts",
+    decode_ids=((3, 17, 42, 8, 60, 11, 5), (9, 9, 1, 0, 33, 70, 2)),
+)
+
 FAMILIES = (
     QWEN2_MOE,
     GLM4_MOE,
@@ -250,6 +280,7 @@ FAMILIES = (
     QWEN3_MOE,
     MIXTRAL,
     MINIMAX_M2,
+    GPT_OSS,
 )
 
 
