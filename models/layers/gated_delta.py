@@ -202,7 +202,8 @@ class CausalConv1d(nn.Module):
 
     def __init__(self, channels: int, kernel: int) -> None:
         super().__init__()
-        self.weight = mx.zeros((channels, kernel, 1))
+        scale = kernel**-0.5  # nn.Conv1d's initial range for one input channel per group
+        self.weight = mx.random.uniform(-scale, scale, (channels, kernel, 1))
 
     def __call__(self, x: mx.array, tail: mx.array) -> tuple[mx.array, mx.array]:
         """Convolve ``x`` ``[B, L, C]`` after ``tail`` ``[B, K-1, C]``, then SiLU.

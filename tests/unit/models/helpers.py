@@ -25,7 +25,9 @@ from moeserve.models import (
     minimax_m2,
     mixtral,
     qwen2_moe,
+    qwen3_5_moe,
     qwen3_moe,
+    qwen3_next,
 )
 from moeserve.models.base import BaseModelArgs, CausalLM
 
@@ -271,6 +273,41 @@ GPT_OSS = Family(
     decode_ids=((3, 17, 42, 8, 60, 11, 5), (9, 9, 1, 0, 33, 70, 2)),
 )
 
+QWEN3_NEXT = Family(
+    qwen3_next,
+    {
+        "model_type": "qwen3_next",
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "num_hidden_layers": 4,  # linear, full, linear, full
+        "full_attention_interval": 2,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+        "mlp_only_layers": [0],
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,  # two value heads per key head
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 8,
+    },
+    missing_key="linear_num_value_heads",
+    decode_ids=((3, 17, 42, 8, 60, 11, 5), (9, 9, 1, 0, 33, 70, 2)),
+)
+
+# The flat (text-only) spelling, which ``Family.args`` can override; 3 layers: linear, full,
+# linear. The nested ``text_config`` spelling is tested in test_qwen3_5_moe.py.
+QWEN3_5_MOE = Family(
+    qwen3_5_moe,
+    QWEN3_NEXT.config | {"model_type": "qwen3_5_moe", "num_hidden_layers": 3},
+    missing_key="linear_key_head_dim",
+    decode_ids=((3, 17, 42, 8, 60, 11, 5), (9, 9, 1, 0, 33, 70, 2)),
+)
+
 FAMILIES = (
     QWEN2_MOE,
     GLM4_MOE,
@@ -281,6 +318,8 @@ FAMILIES = (
     MIXTRAL,
     MINIMAX_M2,
     GPT_OSS,
+    QWEN3_NEXT,
+    QWEN3_5_MOE,
 )
 
 
