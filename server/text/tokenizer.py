@@ -58,6 +58,49 @@ def _as_ids(value: Any) -> list[int]:
     return []
 
 
+# Tokenizer classes whose text pipeline transformers (5.x) builds itself from
+# tokenizer_config.json, replacing what their tokenizer.json says.
+_METASPACE_CLASSES = frozenset({"LlamaTokenizer", "LlamaTokenizerFast"})
+
+
+def _as_transformers_builds(
+    backend: tokenizers.Tokenizer, config: dict[str, Any]
+) -> tokenizers.Tokenizer:
+    """Give a SentencePiece-style BPE tokenizer the pre-tokenizer transformers 5 gives it.
+
+    Older `tokenizer.json` files of Llama-class tokenizers (Mixtral-8x7B-Instruct, Llama 2)
+    prepend "▁" to every piece of text with a normalizer, so the text after a special token,
+    `<s> [INST]`, becomes "▁▁[INST]": pieces `▁`, `▁[`, where the model was trained on `▁[`
+    alone (mistral-common, sentencepiece and transformers 5 all give that). transformers 5
+    ignores the file's normalizer and pre-tokenizer for these classes and uses a `Metaspace`
+    pre-tokenizer that turns spaces into "▁" and prepends one only where none is: to every
+    piece of text (`legacy: true`) or to the text's start only (`legacy` false or absent), and
+    never when `add_prefix_space` is false. This does the same, so prompts tokenize as they do
+    there. Byte-level BPE tokenizers that name a Llama class (DeepSeek-V3's) are left alone.
+
+    Args:
+        backend: The tokenizer as `tokenizer.json` describes it (changed in place).
+        config: The parsed `tokenizer_config.json`.
+
+    Returns:
+        `backend`.
+    """
+    model = backend.model
+    if config.get("tokenizer_class") not in _METASPACE_CLASSES or not (
+        isinstance(model, tokenizers.models.BPE) and model.byte_fallback
+    ):
+        return backend
+    if config.get("add_prefix_space") is False:
+        scheme = "never"
+    else:
+        scheme = "always" if config.get("legacy", False) else "first"
+    backend.normalizer = None
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme=scheme, split=False
+    )
+    return backend
+
+
 class Tokenizer:
     """A model's tokenizer, special tokens and chat templates.
 
@@ -131,7 +174,7 @@ class Tokenizer:
             *_as_ids(_read_json(root / "config.json").get("eos_token_id")),
         ]
         return cls(
-            tokenizers.Tokenizer.from_file(str(file)),
+            _as_transformers_builds(tokenizers.Tokenizer.from_file(str(file)), config),
             bos_token=special("bos_token"),
             eos_token=special("eos_token"),
             pad_token=special("pad_token"),

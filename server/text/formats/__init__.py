@@ -69,7 +69,7 @@ def _registered(base: type[_F], *modules: str) -> tuple[type[_F], ...]:
 
 # Detection order: the first format whose `detect` accepts the template wins
 # (hermes_parameters before qwen, whose rule, "tojson", also matches its templates).
-TOOL_FORMATS = _registered(ToolFormat, "glm45", "hermes_parameters", "qwen")
+TOOL_FORMATS = _registered(ToolFormat, "glm45", "qwen_xml", "hermes_parameters", "qwen", "mistral")
 REASONING_FORMATS = _registered(ReasoningFormat, "think")
 
 TOOL_FORMAT_NAMES: tuple[str, ...] = tuple(f.name for f in TOOL_FORMATS)
@@ -137,8 +137,7 @@ def detect_tool_format(
 
     Returns:
         The first format in `TOOL_FORMATS` that recognises the template, or None when the
-        template writes no tool calls or uses a format none here reads (e.g. Qwen3-Coder's
-        `<function=...>` XML).
+        template writes no tool calls or uses a format none here reads.
     """
     templates = [chat_template] if chat_template else []
     if not templates and tokenizer_config:

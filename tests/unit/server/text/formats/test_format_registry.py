@@ -41,7 +41,8 @@ GLM_LIKE_TEMPLATE = (
         (GLM_LIKE_TEMPLATE, None, "glm45"),
         (None, {"chat_template": GLM_LIKE_TEMPLATE}, "glm45"),
         ("{% for m in messages %}{{ m.content }}{% endfor %}", None, None),
-        ("<tool_call>\n<function={{ tc.name }}>\n<parameter=x>", None, None),
+        ("<tool_call>\n<function={{ tc.name }}>\n<parameter=x>", None, "qwen_xml"),
+        ('{{- "[TOOL_CALLS] [" }}', None, "mistral"),
     ],
 )
 def test_detect_tool_format(
@@ -80,6 +81,9 @@ def test_markers_are_every_formats_markup() -> None:
         "</arg_value>",
         "<think>",
         "</think>",
+        "[TOOL_CALLS]",
+        "[ARGS]",
+        "[CALL_ID]",
     }
 
 
