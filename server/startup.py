@@ -39,7 +39,7 @@ from moeserve.server.http.metrics import Metrics
 from moeserve.server.kv_memory import resolve_kv_cache_max_bytes
 from moeserve.server.settings import Settings, SettingsError
 from moeserve.server.text.chat_template import CHATML_TEMPLATE
-from moeserve.server.text.formats import DEFAULT_TOOL_FORMAT, detect_tool_format
+from moeserve.server.text.formats import DEFAULT_TOOL_FORMAT, detect_tool_format, tool_format
 from moeserve.server.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -314,6 +314,9 @@ def build_runtime(settings: Settings) -> Runtime:
         ModelError: The model cannot be found or loaded, or has no usable tokenizer.
     """
     served = load_served_model(settings)
+    fmt = _tool_format(settings, served)
+    # Harmony's <|call|> ends a turn, yet gpt-oss's first generation configs do not list it.
+    served.tokenizer.add_eos_tokens(tool_format(fmt).TURN_END)
     config = settings.scheduler_config(served.max_model_len)
     try:
         layout = served.loaded.model.cache_layout().quantized(settings.kv_cache_bits)
@@ -346,7 +349,7 @@ def build_runtime(settings: Settings) -> Runtime:
         created=served.created or int(time.time()),
         settings=settings,
         metrics=Metrics(engine.stats, kv_cache_max_bytes=kv_bytes),
-        tool_format=_tool_format(settings, served),
+        tool_format=fmt,
         chat_template=_default_template(served),
         kv_budget=engine.scheduler.budget,
     )

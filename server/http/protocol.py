@@ -122,6 +122,10 @@ class ChatMessage(_Lenient):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # An earlier assistant turn's reasoning, as vLLM takes it back ("reasoning" is its newer
+    # name); the template reads it under "reasoning_content" or, gpt-oss's, "thinking".
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @model_validator(mode="after")
     def _tool_result_names_its_call(self) -> ChatMessage:

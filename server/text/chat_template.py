@@ -3,13 +3,17 @@
 Knows jinja2 and the sandbox, filters and globals that Hugging Face's
 `apply_chat_template` provides (`raise_exception`, `tojson`, `strftime_now`, `namespace`),
 where a model directory keeps its templates, and the ChatML fallback used when a model ships
-none. Knows nothing about tokens, models or HTTP.
+none. `prepare_messages` gives a template its messages the way transformers (5.x) and vLLM do:
+an earlier turn's reasoning under every name templates read, and tool-call arguments sent as
+JSON text decoded into objects for templates that expect objects. Knows nothing about tokens,
+models or HTTP.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -161,3 +165,80 @@ def load_templates(root: Path, config: dict[str, Any]) -> dict[str, str]:
     if templates and "default" not in templates:
         raise ValueError(f"{root}: chat templates {sorted(templates)} include no 'default'")
     return templates
+
+
+# Where a message's reasoning may come in; transformers copies it to "reasoning_content" (what
+# most templates read) and "thinking" (what gpt-oss's reads), and so does `prepare_messages`.
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+# A template that tests the arguments' type (`arguments is string`, Kimi's `['arguments'] is
+# string`) takes text or an object; one that concatenates them (DeepSeek-V3.1:
+# `... + tool['function']['arguments'] + ...`) needs the text.
+_TAKES_TEXT = re.compile(
+    r"""\barguments\b['"\]]*\s+is\s+(not\s+)?(string|mapping)"""
+    r"""|\+\s*[\w.\[\]'"]*\barguments\b|\barguments\b['"\]]*\s*\+"""
+)
+
+
+@functools.lru_cache(maxsize=32)
+def wants_argument_objects(source: str) -> bool:
+    """Whether a template expects tool-call arguments as objects rather than JSON text.
+
+    OpenAI clients send arguments as JSON text; most templates were written for transformers'
+    convention of an object (gpt-oss's applies `tojson` to them, GLM-4.5's iterates them). Text
+    stays text only where the template accepts it: it tests the arguments' type, or
+    concatenates them as a string.
+
+    Args:
+        source: The template text.
+
+    Returns:
+        True when arguments given as JSON text should be decoded first.
+    """
+    return _TAKES_TEXT.search(source) is None
+
+
+def prepare_messages(messages: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """The messages as a template reads them (new dictionaries; the input is not changed).
+
+    A message with reasoning under any of "reasoning_content", "thinking" or "reasoning" gets
+    it under "reasoning_content" and, unless it set its own, "thinking", as transformers does.
+    When the template expects objects (`wants_argument_objects`), tool-call arguments that are
+    JSON text holding an object are decoded; other text is left as it is.
+
+    Args:
+        messages: OpenAI-style messages.
+        source: The template that will render them.
+
+    Returns:
+        The messages to render.
+    """
+    objects = wants_argument_objects(source)
+    prepared = []
+    for message in messages:
+        reasoning = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        calls = message.get("tool_calls")
+        if objects and isinstance(calls, list):
+            message = {**message, "tool_calls": [_decode_arguments(c) for c in calls]}
+        prepared.append(message)
+    return prepared
+
+
+def _decode_arguments(call: Any) -> Any:
+    """A tool call whose arguments, if JSON text of an object, became that object."""
+    if not isinstance(call, dict):
+        return call
+    fn = call.get("function")
+    target = fn if isinstance(fn, dict) else call
+    text = target.get("arguments")
+    if not isinstance(text, str):
+        return call
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return call
+    if not isinstance(value, dict):
+        return call
+    decoded = {**target, "arguments": value}
+    return {**call, "function": decoded} if target is fn else decoded

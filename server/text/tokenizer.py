@@ -7,9 +7,11 @@ jinja2 in the same sandbox, filters and globals that Hugging Face's `apply_chat_
 provides, turns a stream of generated ids into text without ever emitting half a character, and
 finds stop strings that span token boundaries.
 
-It does not know the model, sampling, sessions or HTTP, and it does not transform messages:
-they reach the template exactly as given. Only the fast-tokenizer format (`tokenizer.json`) is
-read; a directory that ships only `tokenizer.model` or `vocab.json` + `merges.txt` is refused.
+It does not know the model, sampling, sessions or HTTP. Messages reach the template as
+`chat_template.prepare_messages` gives them: as given, plus reasoning aliases and, for templates
+that want them, tool-call arguments decoded from JSON text. Only the fast-tokenizer format
+(`tokenizer.json`) is read; a directory that ships only `tokenizer.model` or `vocab.json` +
+`merges.txt` is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from moeserve.server.text.chat_template import (
     TemplateError,
     compile_chat_template,
     load_templates,
+    prepare_messages,
 )
 
 logger = logging.getLogger(__name__)
@@ -182,6 +185,15 @@ class Tokenizer:
             extra_eos_token_ids=extra_eos,
         )
 
+    def add_eos_tokens(self, texts: Iterable[str]) -> None:
+        """Also end generation at these tokens (a format's turn ends, e.g. harmony's ``<|call|>``).
+
+        Args:
+            texts: Token texts; those the vocabulary lacks are ignored.
+        """
+        ids = (self.backend.token_to_id(t) for t in texts)
+        self.eos_token_ids |= frozenset(i for i in ids if i is not None)
+
     def _token_id(self, token: str | None) -> int | None:
         if token is None:
             return None
@@ -274,8 +286,8 @@ class Tokenizer:
         """Render a conversation into prompt text with the model's chat template.
 
         Args:
-            messages: OpenAI-style messages, passed to the template unchanged (assistant
-                `tool_calls` included, whatever type their `arguments` have).
+            messages: OpenAI-style messages, prepared by `chat_template.prepare_messages`
+                (reasoning aliases; arguments decoded for templates that want objects).
             tools: Tool schemas; picks the `tool_use` template when the model has one.
             add_generation_prompt: End with the header of an assistant turn.
             **template_kwargs: Extra template variables (e.g. `enable_thinking=False`); they
@@ -293,7 +305,8 @@ class Tokenizer:
         # Hugging Face leaves unset special tokens undefined, so `{{ bos_token }}` renders "".
         context = {key: value for key, value in specials.items() if value is not None}
         context.update(template_kwargs)
-        context.update(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        prepared = prepare_messages(messages, self.chat_templates.get(name, CHATML_TEMPLATE))
+        context.update(messages=prepared, tools=tools, add_generation_prompt=add_generation_prompt)
         try:
             return self._compiled[name].render(**context)
         except Exception as exc:

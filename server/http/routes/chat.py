@@ -78,12 +78,16 @@ def output_config(
     """
     tools_on = bool(req.tools) and req.tool_choice != "none"
     named = isinstance(req.tool_choice, NamedToolChoice)
-    reasoning = detect_reasoning(runtime.chat_template, prompt_text, runtime.vocabulary())
+    # A format that splits reasoning itself (harmony) parses every response, tools or not.
+    splits = tool_format(runtime.tool_format).SPLITS_REASONING
+    reasoning = None
+    if not (constrained or splits):
+        reasoning = detect_reasoning(runtime.chat_template, prompt_text, runtime.vocabulary())
     return OutputConfig(
-        tool_format=runtime.tool_format if tools_on else None,
+        tool_format=runtime.tool_format if tools_on or splits else None,
         single_call=named or not req.parallel_tool_calls,
-        reasoning=None if constrained else reasoning,
-        tools=req.tool_dicts(),
+        reasoning=reasoning,
+        tools=req.tool_dicts() if tools_on else None,
     )
 
 

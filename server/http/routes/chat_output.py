@@ -3,9 +3,11 @@
 Text from the engine passes through the parser of the model's reasoning format (``<think>``
 blocks become ``reasoning_content``) and then, when the request allows tool calls, through
 the parser of the model's tool-call format (markup becomes ``tool_calls``); the formats live
-in ``server/text/formats``. The same assembler serves both the streaming path (each delta
-yields ``Delta`` models, which ``ChatChunks`` frames: the role on a choice's first chunk, an
-empty final delta carrying ``finish_reason``, the usage chunk) and the non-streaming path
+in ``server/text/formats``. A tool-call format that splits reasoning itself (harmony's
+channels) runs alone, on every response, and its reasoning events become
+``reasoning_content``. The same assembler serves both the streaming path (each delta yields
+``Delta`` models, which ``ChatChunks`` frames: the role on a choice's first chunk, an empty
+final delta carrying ``finish_reason``, the usage chunk) and the non-streaming path
 (``message()`` at the end, ``chat_completion`` around it). It knows OpenAI's shapes and the
 engine's events; it does not know HTTP.
 """
@@ -41,6 +43,7 @@ from moeserve.server.http.responses import (
 from moeserve.server.http.routes.generation import ChoiceOutput, Tally
 from moeserve.server.text.formats import (
     ContentDelta,
+    ReasoningDelta,
     ReasoningFormat,
     ToolCallArgs,
     ToolCallStart,
@@ -53,10 +56,10 @@ from moeserve.server.text.formats import (
 class OutputConfig:
     """How a request's text is split (decided once per request)."""
 
-    tool_format: str | None = None  # parse tool calls in this format; None: plain text
+    tool_format: str | None = None  # parse the text in this format; None: no tool-call parser
     single_call: bool = False  # parallel_tool_calls false (or a named function): keep one call
     reasoning: tuple[str, bool] | None = None  # (reasoning format name, starts_inside)
-    tools: list[dict[str, Any]] | None = None  # the request's tools (the GLM parser types values)
+    tools: list[dict[str, Any]] | None = None  # allowed tools (glm45 types values); None: no calls
 
 
 @dataclass
@@ -128,6 +131,11 @@ class ChoiceAssembler:
                 return []
             self.content.append(event.text)
             return [Delta(content=event.text)]
+        if isinstance(event, ReasoningDelta):
+            if not event.text:
+                return []
+            self.reasoning.append(event.text)
+            return [Delta(reasoning_content=event.text)]
         if self.config.single_call and event.index > 0:
             return []  # parallel_tool_calls=false: the first call only
         if isinstance(event, ToolCallStart):

@@ -8,7 +8,9 @@ template wins) and the names are the choices of the ``tool_parser`` setting. Add
 is one new file (whose ``FORMAT`` names its class) plus its module's name in one line here.
 
 A tool-call format subclasses ``tool_base.ToolFormat`` and a reasoning format
-``reasoning_base.ReasoningFormat``; each format's module docstring shows its markup.
+``reasoning_base.ReasoningFormat``; each format's module docstring shows its markup. A tool-call
+format whose markup also carries reasoning (harmony's channels) splits it itself and runs alone
+(``ToolFormat.SPLITS_REASONING``, described in ``tool_base``).
 
 This package knows strings and token texts. It does not know token ids, sampling, HTTP or the
 engine; the grammar helpers it writes with live in ``server/engine/grammar.py``.
@@ -25,6 +27,7 @@ from moeserve.server.text.formats.tool_base import (
     MAX_PARALLEL_CALLS,
     ContentDelta,
     Event,
+    ReasoningDelta,
     ToolCall,
     ToolCallArgs,
     ToolCallStart,
@@ -41,6 +44,7 @@ __all__ = [
     "TOOL_FORMAT_NAMES",
     "ContentDelta",
     "Event",
+    "ReasoningDelta",
     "ReasoningFormat",
     "ToolCall",
     "ToolCallArgs",
@@ -69,7 +73,16 @@ def _registered(base: type[_F], *modules: str) -> tuple[type[_F], ...]:
 
 # Detection order: the first format whose `detect` accepts the template wins
 # (hermes_parameters before qwen, whose rule, "tojson", also matches its templates).
-TOOL_FORMATS = _registered(ToolFormat, "glm45", "qwen_xml", "hermes_parameters", "qwen", "mistral")
+TOOL_FORMATS = _registered(
+    ToolFormat,
+    "glm45",
+    "qwen_xml",
+    "hermes_parameters",
+    "qwen",
+    "harmony",
+    "deepseek_v31",
+    "mistral",
+)
 REASONING_FORMATS = _registered(ReasoningFormat, "think")
 
 TOOL_FORMAT_NAMES: tuple[str, ...] = tuple(f.name for f in TOOL_FORMATS)

@@ -9,8 +9,18 @@ machinery every format shares: holding back text that might still become markup,
 calls, turning a malformed call back into content. A subclass writes only its call body
 (`_reset_call`, `_scan`), its detection rule and the grammar of one call (`call_grammar`).
 
-It does not know tokens, sampling, reasoning blocks (removed before this sees the text) or the
-HTTP wire format, and it does not check arguments against the function's parameter schema.
+Three optional class settings serve formats whose markup is more than calls. ``SECTION``
+names markers that wrap a run of calls (DeepSeek's ``<｜tool▁calls▁begin｜>`` and
+``<｜tool▁calls▁end｜>``): like the whitespace between calls they are markup, not content. A
+format whose markup also separates reasoning from the answer (harmony's channels) sets
+``SPLITS_REASONING``: its parser then emits `ReasoningDelta` events too, runs on every response
+of the model (tools or not) and no separate reasoning format runs. ``TURN_END`` names markers
+after which the model's turn is over; the server stops generating on them even where a
+generation config omits them.
+
+It does not know tokens, sampling, reasoning blocks (a reasoning format removes them before this
+sees the text, unless the format splits reasoning itself) or the HTTP wire format, and it does not
+check arguments against the function's parameter schema.
 """
 
 from __future__ import annotations
@@ -53,7 +63,14 @@ class ToolCallArgs:
     text: str
 
 
-Event = ContentDelta | ToolCallStart | ToolCallArgs
+@dataclass
+class ReasoningDelta:
+    """A piece of reasoning, from a format that splits reasoning itself (``SPLITS_REASONING``)."""
+
+    text: str
+
+
+Event = ContentDelta | ToolCallStart | ToolCallArgs | ReasoningDelta
 
 
 @dataclass
@@ -131,6 +148,12 @@ class ToolFormat:
     # tokens are otherwise dropped from the text).
     MARKERS: ClassVar[tuple[str, ...]] = ("<tool_call>", "</tool_call>")
     CALL_SEPARATOR: ClassVar[str] = "\n"  # between parallel calls in constrained output
+    # (open, close) around a run of calls, both markup; ("", "") when the format has none.
+    SECTION: ClassVar[tuple[str, str]] = ("", "")
+    # The parser also emits ReasoningDelta events; no reasoning format runs beside it.
+    SPLITS_REASONING: ClassVar[bool] = False
+    # Markers after which the model's turn is over (generation stops on them).
+    TURN_END: ClassVar[tuple[str, ...]] = ()
 
     # --- what the registry and the grammar compiler ask of a format ----------------------------
 
@@ -240,9 +263,17 @@ class ToolFormat:
 
     def _step_content(self, eof: bool) -> bool:
         buf = self._buf
+        close = self.SECTION[1]
+        if close and self._after_call:  # a section's close right after a call is markup
+            rest = buf.lstrip()
+            if rest.startswith(close):
+                self._buf = rest[len(close) :]
+                return True
+            if rest and close.startswith(rest) and not eof:
+                return False  # perhaps the start of the close: undecided
         start = buf.find(self.START)
         if start < 0:
-            keep = 0 if eof else partial_marker_len(buf, self.START)
+            keep = 0 if eof else self._undecided_tail(buf)
             body = buf[: len(buf) - keep]
             # Whitespace may still turn out to precede a call; hold it until that is decided.
             cut = len(body) if eof else len(body.rstrip())
@@ -252,6 +283,8 @@ class ToolFormat:
             return False
         before = buf[:start]
         text = before.rstrip()
+        if self.SECTION[0] and text.endswith(self.SECTION[0]):  # the section's open is markup
+            text = text[: -len(self.SECTION[0])].rstrip()
         self._content(text)
         self._lead_ws = before[len(text) :]
         self._buf = buf[start + len(self.START) :]
@@ -260,6 +293,20 @@ class ToolFormat:
         self._call_index, self._call_name, self._call_args = None, "", ""
         self._reset_call()
         return True
+
+    def _undecided_tail(self, buf: str) -> int:
+        """How many trailing characters may still become markup.
+
+        That is part of START, or the section's open (whitespace and part of START may follow).
+        """
+        keep = partial_marker_len(buf, self.START)
+        opening = self.SECTION[0]
+        if opening:
+            rest = buf[: len(buf) - keep].rstrip()
+            if rest.endswith(opening):
+                return len(buf) - len(rest) + len(opening)
+            keep = max(keep, partial_marker_len(buf, opening))
+        return keep
 
     def _step_call(self, eof: bool) -> bool:
         try:

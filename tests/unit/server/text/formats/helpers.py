@@ -20,7 +20,13 @@ from moeserve.server.engine.engine import Engine
 from moeserve.server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
 from moeserve.server.engine.grammar import Constraint
 from moeserve.server.engine.sampling import SamplingParams
-from moeserve.server.text.formats import ContentDelta, ToolCallArgs, ToolCallStart, ToolFormat
+from moeserve.server.text.formats import (
+    ContentDelta,
+    ReasoningDelta,
+    ToolCallArgs,
+    ToolCallStart,
+    ToolFormat,
+)
 from moeserve.server.text.tokenizer import Tokenizer
 
 Factory = Callable[[], ToolFormat]
@@ -45,16 +51,17 @@ SEEDS = range(8)
 
 
 def normalize(events: list, calls: list) -> Result:
-    """Merge adjacent content/argument pieces; check ids; return (events, [(name, args)])."""
+    """Merge adjacent content/reasoning/argument pieces; check ids; return (events, calls)."""
     out: list[tuple] = []
     ids: dict[int, str] = {}
     for event in events:
-        if isinstance(event, ContentDelta):
+        if isinstance(event, (ContentDelta, ReasoningDelta)):
             assert event.text
-            if out and out[-1][0] == "content":
-                out[-1] = ("content", out[-1][1] + event.text)
+            kind = "content" if isinstance(event, ContentDelta) else "reasoning"
+            if out and out[-1][0] == kind:
+                out[-1] = (kind, out[-1][1] + event.text)
             else:
-                out.append(("content", event.text))
+                out.append((kind, event.text))
         elif isinstance(event, ToolCallStart):
             assert re.fullmatch(r"call_[0-9a-f]{24}", event.id)
             assert event.index == len(ids)  # indices count up from 0 in stream order

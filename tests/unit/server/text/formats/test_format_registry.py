@@ -81,6 +81,21 @@ def test_markers_are_every_formats_markup() -> None:
         "</arg_value>",
         "<think>",
         "</think>",
+        # harmony (gpt-oss)
+        "<|start|>",
+        "<|channel|>",
+        "<|message|>",
+        "<|constrain|>",
+        "<|end|>",
+        "<|call|>",
+        "<|return|>",
+        # deepseek_v31
+        "<｜tool▁calls▁begin｜>",
+        "<｜tool▁calls▁end｜>",
+        "<｜tool▁call▁begin｜>",
+        "<｜tool▁sep｜>",
+        "<｜tool▁call▁end｜>",
+        # mistral
         "[TOOL_CALLS]",
         "[ARGS]",
         "[CALL_ID]",
