@@ -82,6 +82,8 @@ TOOL_FORMATS = _registered(
     "harmony",
     "deepseek_v31",
     "mistral",
+    "kimi_k2",
+    "minimax_m2",
 )
 REASONING_FORMATS = _registered(ReasoningFormat, "think")
 

@@ -99,6 +99,17 @@ def test_markers_are_every_formats_markup() -> None:
         "[TOOL_CALLS]",
         "[ARGS]",
         "[CALL_ID]",
+        # kimi_k2
+        "<|tool_calls_section_begin|>",
+        "<|tool_calls_section_end|>",
+        "<|tool_call_begin|>",
+        "<|tool_call_argument_begin|>",
+        "<|tool_call_end|>",
+        # minimax_m2
+        "<minimax:tool_call>",
+        "</minimax:tool_call>",
+        "<invoke name=",
+        "</invoke>",
     }
 
 
