@@ -34,7 +34,8 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 @pytest.mark.parametrize("model_type", registered_model_types())
 def test_batched_greedy_output_equals_solo(model_type, tokenizer) -> None:
     model, config = load_model(FIXTURES / f"{model_type}_a" / "hf", dtype="float32")
-    vocab = min(config["vocab_size"], tokenizer.vocab_size)
+    text = config.get("text_config") or config  # multimodal configs nest the text model's
+    vocab = min(text["vocab_size"], tokenizer.vocab_size)
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, vocab, n).tolist() for n in (5, 13, 21, 34)]
     config = SchedulerConfig(
