@@ -19,6 +19,9 @@ _MODULES: dict[str, str] = {
     "granitemoe": "moeserve.models.granitemoe",
     "dbrx": "moeserve.models.dbrx",
     "gpt_oss": "moeserve.models.gpt_oss",
+    "deepseek_v3": "moeserve.models.deepseek_v3",
+    "kimi_k25": "moeserve.models.kimi_k25",
+    "glm4_moe_lite": "moeserve.models.glm4_moe_lite",
     "qwen3_next": "moeserve.models.qwen3_next",
     "qwen3_5_moe": "moeserve.models.qwen3_5_moe",
     "minimax_m2": "moeserve.models.minimax_m2",
@@ -35,6 +38,11 @@ _ALIASES: dict[str, str] = {
     "GraniteMoeForCausalLM": "granitemoe",
     "DbrxForCausalLM": "dbrx",
     "GptOssForCausalLM": "gpt_oss",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "kimi_k2": "deepseek_v3",  # Kimi-K2's own configs: a DeepSeek-V3 model by another name
+    "KimiK25ForConditionalGeneration": "kimi_k25",
+    "Kimi_K25ForConditionalGeneration": "kimi_k25",  # transformers' class name
+    "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
     "Qwen3NextForCausalLM": "qwen3_next",
     "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
     "Qwen3_5MoeForCausalLM": "qwen3_5_moe",  # transformers' text-only class (flat config)

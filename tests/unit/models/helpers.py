@@ -19,9 +19,12 @@ from mlx.utils import tree_flatten
 from moeserve.models import (
     bailing_moe,
     dbrx,
+    deepseek_v3,
     glm4_moe,
+    glm4_moe_lite,
     gpt_oss,
     granitemoe,
+    kimi_k25,
     minimax_m2,
     mixtral,
     qwen2_moe,
@@ -308,6 +311,93 @@ QWEN3_5_MOE = Family(
     decode_ids=((3, 17, 42, 8, 60, 11, 5), (9, 9, 1, 0, 33, 70, 2)),
 )
 
+DEEPSEEK_V3 = Family(
+    deepseek_v3,
+    {
+        "model_type": "deepseek_v3",
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 32,
+        "q_lora_rank": 24,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 12,  # narrower than the keys' 16 + 8, as in DeepSeek-V3
+        "attention_bias": True,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.8,
+        },
+        "max_position_embeddings": 64,
+    },
+    missing_key="kv_lora_rank",
+    decode_over={"q_lora_rank": None, "rope_interleave": False},
+    decode_ids=((3, 17, 42, 8, 60, 11, 5), (9, 9, 1, 0, 33, 70, 2)),
+)
+
+GLM4_MOE_LITE = Family(
+    glm4_moe_lite,
+    {
+        "model_type": "glm4_moe_lite",
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 3,
+        "kv_lora_rank": 32,
+        "q_lora_rank": 24,
+        "qk_nope_head_dim": 24,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 32,  # as wide as the keys (24 + 8), as in GLM-4.7-Flash
+        "mlp_layer_types": ["dense", "sparse", "dense"],
+    },
+    missing_key="qk_rope_head_dim",
+)
+
+KIMI_K25 = Family(
+    kimi_k25,
+    {
+        "model_type": "kimi_k25",
+        "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "kimi_k2",
+            "vocab_size": 96,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "moe_intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_group": 1,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 32,
+            "q_lora_rank": 24,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "routed_scaling_factor": 2.827,
+        },
+        "vision_config": {"hidden_size": 32},
+    },
+    missing_key="text_config",
+)
+
 FAMILIES = (
     QWEN2_MOE,
     GLM4_MOE,
@@ -320,6 +410,9 @@ FAMILIES = (
     GPT_OSS,
     QWEN3_NEXT,
     QWEN3_5_MOE,
+    DEEPSEEK_V3,
+    GLM4_MOE_LITE,
+    KIMI_K25,
 )
 
 
