@@ -64,7 +64,14 @@ class GatedDeltaConfig:
     head_v_dim: int  # Dv
     conv_kernel: int = 4  # K, taps of the causal depthwise convolution
     norm_eps: float = 1e-6  # epsilon of the gated output RMSNorm
-    chunk_size: int = 64  # C for long inputs (a power of two; see ``delta_rule``)
+    # C for long inputs, a power of two (see ``delta_rule``). 32: on the CPU, a 512-token
+    # chunk of Qwen3-Next's shape ran the rule in ~0.2 s at C = 16 or 32 and 0.4-1.1 s at 64
+    # (the per-chunk C x C work grows with C, the loop over chunks with L / C).
+    chunk_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1 or self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"chunk_size must be a power of two, got {self.chunk_size}")
 
     @property
     def key_dim(self) -> int:
@@ -120,7 +127,7 @@ def delta_rule(
     g: mx.array,
     beta: mx.array,
     state: mx.array,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
 ) -> tuple[mx.array, mx.array]:
     """Run the gated delta rule over L tokens from ``state``, chunk by chunk (float32).
 
@@ -137,7 +144,7 @@ def delta_rule(
     Everything but the terms in ``S_0`` is computed for all chunks at once; a loop over the
     chunks then carries the state. Inputs are zero-padded to whole chunks (zero keys and
     beta write nothing, zero g decays nothing, so the padding leaves the state alone).
-    C is ``chunk_size``, or the next power of two above L when L is shorter (1 when decoding).
+    C is ``chunk_size``, or the smallest power of two >= L when L is shorter (1 when decoding).
 
     Args:
         q: Queries ``[B, L, H, Dk]``, L2-normalised and scaled (H = value heads).
