@@ -156,6 +156,8 @@ def test_cache_kind_and_value_head_grouping_are_checked() -> None:
         GatedDeltaNet(
             GatedDeltaConfig(32, num_k_heads=3, num_v_heads=4, head_k_dim=8, head_v_dim=6)
         )
+    with pytest.raises(ValueError, match="power of two"):
+        GatedDeltaConfig(32, 2, num_v_heads=4, head_k_dim=8, head_v_dim=6, chunk_size=24)
 
 
 def test_qwen3_next_rows_of_different_lengths_decode_together_through_the_store() -> None:
