@@ -20,7 +20,7 @@ from moeserve.models.loader import read_json
 from tests.helpers import FIXTURES
 
 # Variants with an mlx-lm-written mlx_q4/ (one per family).
-VARIANTS = ("qwen3_moe_a", "mixtral_a")
+VARIANTS = ("qwen3_moe_a", "mixtral_a", "qwen3_next_a", "qwen3_5_moe_a")
 
 
 def _tensors(directory: Path) -> dict[str, mx.array]:
