@@ -18,8 +18,9 @@ shared expert), with these differences, all taken from transformers' ``qwen3_5_m
   experts fused (``mlp.experts.gate_up_proj`` ``[E, 2F, M]``, ``mlp.experts.down_proj``), and
   holds the vision tower (``model.visual.*``) and multi-token-prediction layers (``mtp.*``).
 
-Source: the Qwen team's Qwen3.5 release (February 2026, model cards of Qwen/Qwen3.5-35B-A3B)
-and transformers' ``Qwen3_5MoeForConditionalGeneration``, the reference of our fixtures.
+Sources: the Qwen team's Qwen3.5 release (the model cards and ``config.json`` of
+Qwen/Qwen3.5-35B-A3B and its siblings) and transformers' ``Qwen3_5MoeForConditionalGeneration``,
+the reference of our fixtures.
 
 Parameter names follow mlx-lm's MLX layout (``language_model.model.*``,
 ``language_model.lm_head``), so MLX-layout checkpoints (and their per-module quantization

@@ -14,9 +14,10 @@ or every ``full_attention_interval``-th layer full, 1 in 4 in the release):
 The feed-forward block is Qwen2-MoE's (``qwen2_moe.SparseMoeBlock``): a softmax router over
 many small experts (512, 10 active per token in the release), ``norm_topk_prob``
 renormalisation, and a shared expert scaled by a per-token sigmoid gate; layers left dense by
-``decoder_sparse_step`` / ``mlp_only_layers`` have a SwiGLU MLP. Source: the Qwen team's
-"Qwen3-Next" release (blog, September 2025, https://qwen.ai/blog?id=qwen3-next) and
-transformers' ``Qwen3NextForCausalLM``, the reference our fixtures are computed with.
+``decoder_sparse_step`` / ``mlp_only_layers`` have a SwiGLU MLP. Sources: the Qwen team's
+Qwen3-Next release (blog post and the model card of Qwen/Qwen3-Next-80B-A3B-Instruct,
+September 2025) and transformers' ``Qwen3NextForCausalLM``, the reference our fixtures are
+computed with.
 
 Zero-centred norms: the publisher stores the decoder, final and q/k RMSNorm weights as w with
 scale ``1 + w`` (weight decay pulls w to 0). The MLX layout (mlx-lm) stores ``1 + w``, so our
