@@ -29,8 +29,8 @@ invert, one chunk), so prefill and decode share one code path.
 
 State (``cache_kind``): ``Recurrent(((K - 1, conv_dim), (Hv, Dk, Dv)))``: the convolution's
 last ``K - 1`` inputs and the matrices. A cache view's ``state`` is read at the start of a
-call and assigned at its end; without a cache the call starts from zeros. The arithmetic is
-float32 whatever the model dtype; the state is stored in the cache's dtype.
+call and assigned at its end; without a cache the call starts from zeros. The recurrence
+runs in float32 whatever the model dtype; the state is stored in the cache's dtype.
 
 This file does not do: padded rows (every call's rows are unpadded: one row per prefill
 chunk, one token per row when decoding), variable-length packing, or a Metal kernel.
