@@ -90,14 +90,20 @@ def resolve_max_model_len(setting: int | None, config: dict[str, Any]) -> int:
     Returns:
         The limit in tokens.
     """
+    # Multimodal releases (Qwen3.5-MoE, Kimi-K2.5) keep the language model's in text_config.
+    text = config.get("text_config")
+    places = [config, text] if isinstance(text, dict) else [config]
     trained = next(
         (
             v
-            for v in (config.get(k) for k in _CONTEXT_KEYS)
+            for v in (place.get(k) for place in places for k in _CONTEXT_KEYS)
             if isinstance(v, int) and not isinstance(v, bool) and v > 0
         ),
         None,
     )
+    stretched = _yarn_length(places)
+    if stretched is not None and (trained is None or stretched > trained):
+        trained = stretched
     if setting is None:
         return trained or DEFAULT_MAX_MODEL_LEN
     if trained is not None and setting > trained:
@@ -106,6 +112,24 @@ def resolve_max_model_len(setting: int | None, config: dict[str, Any]) -> int:
             "max_model_len %d exceeds the model's trained context of %d tokens", setting, trained
         )
     return setting
+
+
+def _yarn_length(places: list[dict[str, Any]]) -> int | None:
+    """The context YaRN stretches a model to: its original length times the factor.
+
+    A config that adds YaRN to a model trained shorter (Qwen3's recipe: factor 4 over 32,768)
+    keeps the old ``max_position_embeddings``; the stretched length is what it serves.
+    """
+    for place in places:
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = place.get(key)
+            if not isinstance(rope, dict):
+                continue
+            kind = rope.get("rope_type", rope.get("type"))
+            original, factor = rope.get("original_max_position_embeddings"), rope.get("factor")
+            if kind == "yarn" and isinstance(original, int) and isinstance(factor, int | float):
+                return int(original * factor)
+    return None
 
 
 @contextmanager

@@ -132,6 +132,31 @@ def test_default_model_id(model: str | None, expected: str) -> None:
         (None, {"max_seq_len": 2048}, 2048),  # DBRX's spelling
         (None, {}, 4096),
         (None, {"max_position_embeddings": True}, 4096),  # not a length
+        (None, {"text_config": {"max_position_embeddings": 262144}}, 262144),  # Qwen3.5-MoE
+        (  # Qwen3 with YaRN added as its card says: factor 4 over the original 32,768
+            None,
+            {
+                "max_position_embeddings": 40960,
+                "rope_scaling": {
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 32768,
+                },
+            },
+            131072,
+        ),
+        (  # gpt-oss: already the stretched length
+            None,
+            {
+                "max_position_embeddings": 131072,
+                "rope_scaling": {
+                    "rope_type": "yarn",
+                    "factor": 32.0,
+                    "original_max_position_embeddings": 4096,
+                },
+            },
+            131072,
+        ),
         (1000, {"max_position_embeddings": 32768}, 1000),
     ],
 )
