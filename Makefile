@@ -32,6 +32,7 @@ run: $(STAMP)
 fixtures: $(STAMP)
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/python tests/fixtures/make_fixtures.py
+	$(BIN)/python tests/fixtures/gen_families.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
