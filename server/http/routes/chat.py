@@ -11,12 +11,14 @@ back ``routes/generation.py``'s.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from moeserve.server.engine.events import GenerationRequest
+from moeserve.server.engine.events import Event, GenerationRequest
 from moeserve.server.http.context_length import check_prompt_bytes
 from moeserve.server.http.deps import Runtime, RuntimeDep
 from moeserve.server.http.errors import APIError, error_responses
@@ -179,19 +181,43 @@ async def _compile(job: tuple[Any, ...], param: str) -> Any:
         raise APIError(400, str(e), param=param, code="invalid_schema") from e
 
 
-@router.post(
-    "/v1/chat/completions", response_model=ChatCompletion, responses=common.STREAM_RESPONSE
-)
-async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http: Request):
-    """Create a chat completion (streamed as server-sent events when ``stream`` is true).
+@dataclass
+class Started:
+    """A conversation handed to the engine: what every API's route formats its answer from."""
+
+    rid: str  # the response id (its prefix is the API's)
+    prompt: list[int]  # the rendered prompt's token ids
+    config: OutputConfig  # how the text splits into content, reasoning and tool calls
+    streams: list[AsyncIterator[Event]]  # one per prompt (chat: always one)
+    tally: generation.Tally  # token counts for usage
+
+
+async def start(
+    runtime: Runtime,
+    req: ChatCompletionRequest,
+    http: Request,
+    id_prefix: str = "chatcmpl",
+    limit_param: str | None = None,
+) -> Started:
+    """Render, constrain and submit one conversation: the pipeline every API shares.
+
+    The OpenAI chat request is moeserve's one conversation model: the Anthropic Messages and
+    OpenAI Responses routes translate their bodies into it and call this, so templates, tool
+    formats, constraints, sampling and the prompt cache are written once.
 
     Args:
-        req: The OpenAI request body.
-        runtime: The server runtime.
-        http: The HTTP request.
+        runtime: The runtime.
+        req: The conversation (an OpenAI chat request, possibly translated).
+        http: The HTTP request (session headers, tenant).
+        id_prefix: Prefix of the response id.
+        limit_param: The field a KV-budget refusal blames; by default the chat limit the
+            client set (none when it set none).
 
     Returns:
-        A ``ChatCompletion``, or an SSE stream of ``chat.completion.chunk`` objects.
+        What was started.
+
+    Raises:
+        APIError: Every refusal, in OpenAI's shape (other APIs re-shape it).
     """
     runtime.check_model(req.model)
     common.check_choices(runtime, req.n)
@@ -206,7 +232,7 @@ async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http
     )
     constraint = await build_constraint(runtime, req)
     config = output_config(runtime, req, prompt_text, constrained=constraint is not None)
-    rid = common.new_id("chatcmpl")
+    rid = common.new_id(id_prefix)
     gen = GenerationRequest(
         rid,
         prompt,
@@ -217,12 +243,31 @@ async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http
         constraint=constraint,
         keep_special_ids=kept_special_ids(runtime, config),
     )
-    # The field a KV-budget refusal blames: the limit the client set, none when it set none.
-    limit_param = next(
-        (f for f in ("max_completion_tokens", "max_tokens") if getattr(req, f) is not None), None
-    )
+    if limit_param is None:  # the limit the client set; none when it set none
+        limit_param = next(
+            (f for f in ("max_completion_tokens", "max_tokens") if getattr(req, f) is not None),
+            None,
+        )
     streams = await common.submit(runtime, [gen], limit_param=limit_param)
-    tally = generation.Tally(prompt=len(prompt))
+    return Started(rid, prompt, config, streams, generation.Tally(prompt=len(prompt)))
+
+
+@router.post(
+    "/v1/chat/completions", response_model=ChatCompletion, responses=common.STREAM_RESPONSE
+)
+async def chat_completions(req: ChatCompletionRequest, runtime: RuntimeDep, http: Request):
+    """Create a chat completion (streamed as server-sent events when ``stream`` is true).
+
+    Args:
+        req: The OpenAI request body.
+        runtime: The server runtime.
+        http: The HTTP request.
+
+    Returns:
+        A ``ChatCompletion``, or an SSE stream of ``chat.completion.chunk`` objects.
+    """
+    started = await start(runtime, req, http)
+    rid, config, streams, tally = started.rid, started.config, started.streams, started.tally
     if req.stream:
         writer = ChatChunks(runtime, req, rid, config)
         chunks = generation.stream_chunks(runtime, streams, [rid], writer, tally)
