@@ -23,7 +23,7 @@ from moeserve.server.http.deps import Runtime
 from moeserve.server.http.drain import Drain, DrainMiddleware
 from moeserve.server.http.errors import APIError, install_handlers
 from moeserve.server.http.limits import BodyLimitMiddleware
-from moeserve.server.http.routes import admin, chat, completions
+from moeserve.server.http.routes import admin, chat, completions, messages
 from moeserve.server.http.routes import models as models_api
 from moeserve.server.settings import Settings
 from moeserve.server.startup import build_runtime
@@ -47,7 +47,7 @@ def tenant_id(api_key: str) -> str:
 
 
 class APIKeyMiddleware(HTTPMiddleware):
-    """Requires ``Authorization: Bearer <key>`` (or ``api-key``) on every route but /health.
+    """Requires a key on every route but /health: ``Authorization: Bearer``, ``(x-)api-key``.
 
     A pure ASGI middleware rather than a route dependency so that it also covers ``/docs``,
     ``/openapi.json`` and unknown paths, and never buffers a streaming response.
@@ -74,7 +74,7 @@ class APIKeyMiddleware(HTTPMiddleware):
         # str (a 500 before, for anyone).
         auth = headers.get(b"authorization", b"")
         token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-        token = token or headers.get(b"api-key", b"")
+        token = token or headers.get(b"api-key", b"") or headers.get(b"x-api-key", b"")
         match = None
         for key in self.keys:  # constant time per key, and every key compared: no timing hint
             if hmac.compare_digest(token, key):
@@ -95,10 +95,10 @@ class APIKeyMiddleware(HTTPMiddleware):
             return
         err = APIError(
             401,
-            "Invalid or missing API key (send 'Authorization: Bearer <key>')",
+            "Invalid or missing API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')",
             code="invalid_api_key",
         )
-        await send_json(send, 401, err.body(), [(b"www-authenticate", b"Bearer")])
+        await send_json(send, 401, err.body(scope["path"]), [(b"www-authenticate", b"Bearer")])
 
 
 class MetricsMiddleware(HTTPMiddleware):
@@ -169,7 +169,7 @@ def create_app(settings: Settings, runtime_factory: RuntimeFactory | None = None
     )
     app.state.runtime = None
     install_handlers(app)
-    for module in (chat, completions, models_api, admin):
+    for module in (chat, completions, messages, models_api, admin):
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware, fastapi_app=app)
     app.add_middleware(

@@ -193,7 +193,7 @@ class DrainMiddleware(HTTPMiddleware):
         if scope["path"] == "/health":
             payload: dict[str, Any] = {"status": "draining"}
         else:
-            payload = shutting_down().body()
+            payload = shutting_down().body(scope["path"])
         await send_json(send, 503, payload, [(b"connection", b"close"), (b"retry-after", b"1")])
 
 

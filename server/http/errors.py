@@ -3,6 +3,9 @@
 Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}`` with a
 string ``code``, so the ``openai`` package maps it to the right exception class
 (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 429 RateLimitError, ...).
+The request's path decides the shape: on the Anthropic Messages API's paths the same error is
+written in Anthropic's envelope (``anthropic/errors.py``), by the handlers here and by the
+middleware that pass their path to ``APIError.body``.
 Knows HTTP status codes and pydantic's error shapes; knows nothing of the engine.
 """
 
@@ -16,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from moeserve.server.http.anthropic.errors import AnthropicError, speaks_anthropic
 
 logger = logging.getLogger(__name__)
 
@@ -93,29 +98,44 @@ class APIError(Exception):
         detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=detail)
 
-    def body(self) -> dict[str, Any]:
+    def _shaped(self, path: str) -> BaseModel:
+        """OpenAI's envelope, or Anthropic's on the Messages API's paths."""
+        if speaks_anthropic(path):
+            return AnthropicError.of(self.status, self.message)
+        return self.envelope()
+
+    def body(self, path: str = "") -> dict[str, Any]:
         """The JSON body, as a dictionary.
 
-        Returns:
-            ``{"error": {...}}``.
-        """
-        return self.envelope().model_dump()
+        Args:
+            path: The request's path, which decides the envelope ("": OpenAI's).
 
-    def json(self) -> str:
+        Returns:
+            ``{"error": {...}}`` (Anthropic's ``{"type": "error", "error": {...}}``).
+        """
+        return self._shaped(path).model_dump()
+
+    def json(self, path: str = "") -> str:
         """The JSON body, as compact text (the ``data:`` of an error event in a stream).
 
-        Returns:
-            ``{"error": {...}}``.
-        """
-        return self.envelope().model_dump_json()
+        Args:
+            path: The request's path, which decides the envelope ("": OpenAI's).
 
-    def response(self) -> JSONResponse:
+        Returns:
+            ``{"error": {...}}`` (Anthropic's ``{"type": "error", "error": {...}}``).
+        """
+        return self._shaped(path).model_dump_json()
+
+    def response(self, path: str = "") -> JSONResponse:
         """As a JSON response.
+
+        Args:
+            path: The request's path, which decides the envelope ("": OpenAI's).
 
         Returns:
             The response.
         """
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(path), status_code=self.status, headers=self.headers)
 
 
 def generation_failed(message: str) -> APIError:
@@ -203,27 +223,28 @@ def install_handlers(app: FastAPI) -> None:
     _document_400_not_422(app)
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response(request.scope["path"])
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response(request.scope["path"])
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         # Starlette's headers carry e.g. the 405's Allow list, which RFC 9110 requires.
         headers = dict(exc.headers) if exc.headers else None
-        return APIError(exc.status_code, str(exc.detail), code=code, headers=headers).response()
+        error = APIError(exc.status_code, str(exc.detail), code=code, headers=headers)
+        return error.response(request.scope["path"])
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The log has the traceback; the client gets no Python names or internal details.
         logger.exception("unhandled error")
         return APIError(
             500, "internal server error", type="server_error", code="internal_error"
-        ).response()
+        ).response(request.scope["path"])
 
 
 def _document_400_not_422(app: FastAPI) -> None:

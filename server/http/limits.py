@@ -66,14 +66,14 @@ class BodyLimitMiddleware(HTTPMiddleware):
         super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def _refuse(self, send: Send) -> None:
-        await send_json(send, 413, too_large(self.max_bytes).body())
+    async def _refuse(self, send: Send, path: str) -> None:
+        await send_json(send, 413, too_large(self.max_bytes).body(path))
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request through, counting its body; answer 413 once it is too large."""
         declared = _declared_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(send, scope["path"])
             return
         state = {"received": 0, "refused": False, "started": False}
 
@@ -91,7 +91,7 @@ class BodyLimitMiddleware(HTTPMiddleware):
             # first) that answer stands; otherwise the 413 goes out now.
             if not state["started"]:
                 state["refused"] = True
-                await self._refuse(send)
+                await self._refuse(send, scope["path"])
             return {"type": "http.disconnect"}
 
         async def guarded_send(message: Message) -> None:

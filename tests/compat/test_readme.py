@@ -2,11 +2,11 @@
 
 The code blocks are read out of README.md. The Python blocks run in order in one namespace, as
 a reader pastes them (later blocks use the ``client`` and ``tools`` of earlier ones), with the
-real ``openai`` package; the curl block runs in bash, the demo ``moeserve generate`` line with
-this environment's moeserve. Only the server's address is changed. Then the Python blocks run
-again greedily (every request sent with ``temperature: 0``), where a small model is likeliest
-to write until the context is full: bounded by their own ``max_tokens`` and schemas, each must
-still end well, in seconds.
+real ``openai`` and ``anthropic`` packages; the curl block runs in bash, the demo
+``moeserve generate`` line with this environment's moeserve. Only the server's address is
+changed. Then the Python blocks run again greedily (every request sent with
+``temperature: 0``), where a small model is likeliest to write until the context is full:
+bounded by their own ``max_tokens`` and schemas, each must still end well, in seconds.
 
 The README's ``docker run`` lines cannot run here; they are checked to use ``--init``, as the
 Dockerfile's own comments do.
@@ -27,7 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
+import httpx2
 import openai
 import pytest
 
@@ -78,6 +80,20 @@ class Greedy(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+class GreedyAnthropic(httpx2.HTTPTransport):
+    """``Greedy`` for the ``anthropic`` package, which sends its requests with httpx2."""
+
+    sent = 0  # requests rewritten
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        if request.headers.get("content-type") == "application/json":
+            body = {**json.loads(request.read()), "temperature": 0}
+            self.sent += 1
+            headers = {k: v for k, v in request.headers.items() if k != "content-length"}
+            request = httpx2.Request(request.method, request.url, headers=headers, json=body)
+        return super().handle_request(request)
+
+
 def run_python_blocks(demo: LiveServer) -> dict[str, Any]:
     """Run every Python block in one namespace, each against the clock.
 
@@ -109,6 +125,7 @@ def check_results(namespace: dict[str, Any]) -> None:
     assert set(arguments) == {"city"} and len(arguments["city"]) <= 32
     assert re.match(r"name='.*' population=\d+$", parsed_out.strip(), re.DOTALL)
     assert namespace["r"].choices[0].message.content is not None  # the last block's answer
+    assert namespace["message"].stop_reason in ("end_turn", "max_tokens")  # Anthropic's API
 
 
 def test_python_examples_as_written(demo: LiveServer) -> None:
@@ -121,10 +138,17 @@ def test_python_examples_greedy(demo: LiveServer, monkeypatch: pytest.MonkeyPatc
     def greedy_client(**kwargs: Any) -> openai.OpenAI:
         return real(**kwargs, http_client=httpx.Client(transport=greedy))
 
-    # The blocks import OpenAI from the package, so they get this one.
+    real_claude, greedy_claude = anthropic.Anthropic, GreedyAnthropic()
+
+    def greedy_anthropic(**kwargs: Any) -> anthropic.Anthropic:
+        return real_claude(**kwargs, http_client=httpx2.Client(transport=greedy_claude))
+
+    # The blocks import OpenAI (and Anthropic) from the package, so they get these.
     monkeypatch.setattr(openai, "OpenAI", greedy_client)
+    monkeypatch.setattr(anthropic, "Anthropic", greedy_anthropic)
     check_results(run_python_blocks(demo))
-    assert greedy.sent == len(code_blocks("python"))  # one request per block
+    # One request per block.
+    assert greedy.sent + greedy_claude.sent == len(code_blocks("python"))
 
 
 def test_curl_example(demo: LiveServer) -> None:
