@@ -88,6 +88,20 @@ class KVQuant:
         for array, part in zip(arrays, parts):
             array[index] = part.astype(array.dtype)
 
+    def dequantize(self, parts: list[mx.array], dtype: mx.Dtype) -> mx.array:
+        """Values from gathered words, scales and biases (any leading shape), in ``dtype``.
+
+        Args:
+            parts: The three arrays, gathered alike.
+            dtype: The result's dtype.
+
+        Returns:
+            ``[..., D]``.
+        """
+        words, scales, biases = parts
+        out = mx.dequantize(words, scales, biases, group_size=self.group_size, bits=self.bits)
+        return out.astype(dtype)
+
     def read(self, arrays: list[mx.array], index: mx.array, dtype: mx.Dtype) -> mx.array:
         """The dequantized values at ``index``.
 

@@ -17,6 +17,7 @@ spare capacity from growing past it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -113,6 +114,30 @@ class CacheStore:
         if quant is None:
             return [a[index] for a in arrays]
         return [quant.read(arrays[j : j + 3], index, self.dtype) for j in range(0, len(arrays), 3)]
+
+    def read_heads(self, layer: int, group: Any) -> list[mx.array]:
+        """A positional layer's tensors for one pass, ``[B, H, S, D]`` each, contiguous.
+
+        Args:
+            layer: The layer.
+            group: The pass's ``views._GroupStep`` of the layer's group (its ``by_heads``).
+
+        Returns:
+            The tensors, dequantized if stored quantized.
+        """
+        arrays = self.pools[self.group_of[layer]].arrays[layer]
+        quant = self.layout.quant
+
+        def flat(a: mx.array) -> tuple[mx.array, mx.array]:
+            return a.reshape(-1, a.shape[-1]), group.by_heads(a.shape[1])
+
+        if quant is None:
+            return [f[i] for f, i in map(flat, arrays)]
+        out = []
+        for j in range(0, len(arrays), 3):
+            parts = [f[i] for f, i in map(flat, arrays[j : j + 3])]
+            out.append(quant.dequantize(parts, self.dtype))
+        return out
 
     # ----- accounting ---------------------------------------------------------------------
 

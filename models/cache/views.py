@@ -44,7 +44,28 @@ class _GroupStep:
             padded[b, len(g) :] = g[0]  # any slot of the row's own; masked out
         self.write = mx.array(np.concatenate(writes).astype(np.int32))
         self.gather = mx.array(padded)
+        self._slots = padded
+        self._by_heads: dict[int, mx.array] = {}
         self.mask = self._mask(rows, new, window, starts, counts, width)
+
+    def by_heads(self, heads: int) -> mx.array:
+        """Gather indices ``[B, H, S]`` into a pool viewed as ``[slots * H, D]``.
+
+        Gathering this way lands each row's keys already laid out ``[B, H, S, D]`` and
+        contiguous, as attention reads them: a gather ``[B, S]`` then a transpose left a
+        strided array that attention had to copy again (or read slowly), which cost more than
+        the gather itself on the CPU (bench/cache_views.py).
+
+        Args:
+            heads: H of the tensor (its per-position shape is ``[H, D]``).
+
+        Returns:
+            The indices, made once per pass for each head count.
+        """
+        if heads not in self._by_heads:
+            flat = self._slots[:, None, :] * heads + np.arange(heads)[None, :, None]
+            self._by_heads[heads] = mx.array(flat.astype(np.int32))
+        return self._by_heads[heads]
 
     @staticmethod
     def _mask(rows, new, window, starts, counts, width):
@@ -92,7 +113,7 @@ class LayerView:
         group = self._step.groups[store.group_of[self.layer]]
         flat = [t.transpose(0, 2, 1, 3).reshape(-1, *t.shape[1:2], t.shape[3]) for t in tensors]
         store.write(self.layer, group.write, flat)  # [B * L, H, D] each
-        return tuple(a.transpose(0, 2, 1, 3) for a in store.read(self.layer, group.gather))
+        return tuple(store.read_heads(self.layer, group))
 
     @property
     def state(self) -> list[mx.array]:

@@ -23,7 +23,7 @@ from moeserve.server.http.deps import Runtime
 from moeserve.server.http.drain import Drain, DrainMiddleware
 from moeserve.server.http.errors import APIError, install_handlers
 from moeserve.server.http.limits import BodyLimitMiddleware
-from moeserve.server.http.routes import admin, chat, completions, messages
+from moeserve.server.http.routes import admin, chat, completions, messages, responses
 from moeserve.server.http.routes import models as models_api
 from moeserve.server.settings import Settings
 from moeserve.server.startup import build_runtime
@@ -169,7 +169,7 @@ def create_app(settings: Settings, runtime_factory: RuntimeFactory | None = None
     )
     app.state.runtime = None
     install_handlers(app)
-    for module in (chat, completions, messages, models_api, admin):
+    for module in (chat, completions, messages, responses, models_api, admin):
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware, fastapi_app=app)
     app.add_middleware(
