@@ -190,6 +190,18 @@ class Settings(BaseSettings):
         description="directory where each session's cache is written when its turn finishes "
         "(in the background) and found again after a restart; unset: memory only",
     )
+    responses_store_max: int = Field(
+        1024,
+        ge=0,
+        description="finished Responses API responses kept in memory for previous_response_id "
+        "and GET /v1/responses/{id} (the oldest leave first); 0: none is stored",
+    )
+    responses_store_ttl_seconds: float = Field(
+        3600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds a stored Responses API response is kept after it finished",
+    )
     kv_cache_max_bytes: int | None = Field(
         None,
         ge=0,

@@ -254,6 +254,8 @@ BAD_VALUES: dict[str, list[Any]] = {
     "prompt_cache_max_bytes": [-1, "lots"],
     "prompt_cache_ttl_seconds": [0, "nan"],
     "prompt_cache_dir": [["not", "a", "path"]],
+    "responses_store_max": [-1, "many"],
+    "responses_store_ttl_seconds": [0, "nan", "inf"],
     "kv_cache_max_bytes": [-1, 1.5, "lots"],
     "kv_cache_bits": [2, 16, "eight"],
     "cpu_fast_math": ["sometimes"],
