@@ -10,7 +10,8 @@ are always there, null when they have no value, and so is a chunk's ``usage`` in
 asked for usage (a stream that did not has no ``usage`` key: ``Envelope``); a message's
 ``reasoning_content`` and ``tool_calls`` are null when it has none. A delta, though, has only
 the keys it changes: it and the tool-call pieces in it leave their None fields out
-(``_Sparse``).
+(``_Sparse``). Reasoning has two keys with the same text: ``reasoning_content`` (DeepSeek's
+name, read by most clients) and ``reasoning`` (vLLM's newer name).
 
 Nothing here knows the engine, the model or HTTP.
 """
@@ -146,6 +147,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # the same text: clients read one name or the other
     tool_calls: list[ToolCall] | None = None
 
 
@@ -173,12 +175,13 @@ class Delta(_Sparse):
     """``choices[i].delta`` of a chat chunk: what this chunk adds (``role`` on the first)."""
 
     _sparse: ClassVar[frozenset[str]] = frozenset(
-        {"role", "content", "reasoning_content", "tool_calls"}
+        {"role", "content", "reasoning_content", "reasoning", "tool_calls"}
     )
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # the same text: clients read one name or the other
     tool_calls: list[ToolCallDelta] | None = None
 
 

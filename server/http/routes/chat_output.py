@@ -5,11 +5,19 @@ blocks become ``reasoning_content``) and then, when the request allows tool call
 the parser of the model's tool-call format (markup becomes ``tool_calls``); the formats live
 in ``server/text/formats``. A tool-call format that splits reasoning itself (harmony's
 channels) runs alone, on every response, and its reasoning events become
-``reasoning_content``. The same assembler serves both the streaming path (each delta yields
-``Delta`` models, which ``ChatChunks`` frames: the role on a choice's first chunk, an empty
-final delta carrying ``finish_reason``, the usage chunk) and the non-streaming path
-(``message()`` at the end, ``chat_completion`` around it). It knows OpenAI's shapes and the
-engine's events; it does not know HTTP.
+``reasoning_content``. Reasoning goes out under both names clients read: ``reasoning_content``
+and ``reasoning`` (vLLM's newer name). The same assembler serves both the streaming path (each
+delta yields ``Delta`` models, which ``ChatChunks`` frames: the role on a choice's first chunk,
+an empty final delta carrying ``finish_reason``, the usage chunk) and the non-streaming path
+(``message()`` at the end, ``chat_completion`` around it), fed the engine's deltas one by one
+either way, so that both count the same tokens and split the text the same way.
+
+Two rules hold for every API that uses the assembler. A response cut by ``max_tokens`` finishes
+with ``length``, even after complete calls, and a call the cut left unwritten is dropped: never
+a call, never content (``finish(truncated=True)``, ``finish_reason``). ``reasoning_tokens``
+counts generated tokens fed while the text was in reasoning, so it can never exceed
+``completion_tokens`` (``reasoning_tokens``). It knows OpenAI's shapes and the engine's events;
+it does not know HTTP.
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ class ChoiceAssembler:
     config: OutputConfig
     content: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
+    reasoning_tokens: int = 0  # generated tokens fed while the text was in reasoning
     _reasoning: ReasoningFormat | None = None
     _tools: Any = None
     _started: set[int] = field(default_factory=set)
@@ -80,24 +89,55 @@ class ChoiceAssembler:
         if self.config.tool_format is not None:
             self._tools = tool_format(self.config.tool_format)(self.config.tools)
 
-    def feed(self, text: str) -> list[Delta]:
+    def feed(self, text: str, tokens: int = 0) -> list[Delta]:
         """Take newly generated text; return the OpenAI deltas it completes.
 
         Args:
-            text: Engine text (already cut at stop strings).
+            text: Engine text (already cut at stop strings; may be empty).
+            tokens: How many generated tokens it came from. They are reasoning tokens when the
+                text was in reasoning before or after them: the tokens that open and close a
+                block count, the answer's do not. Tokens are counted, never text tokenised
+                again (which can find more tokens than were generated).
 
         Returns:
             Zero or more deltas (without ``role``).
         """
-        return self._route(*self._split(text, final=False))
+        was_reasoning = self.in_reasoning
+        deltas = self._route(*self._split(text, final=False))
+        if was_reasoning or self.in_reasoning:
+            self.reasoning_tokens += tokens
+        return deltas
 
-    def finish(self) -> list[Delta]:
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the text so far ends inside reasoning."""
+        if self._reasoning is not None and self._reasoning.in_reasoning:
+            return True
+        return self._tools is not None and self._tools.in_reasoning
+
+    def finish(self, truncated: bool = False) -> list[Delta]:
         """Flush held-back text at the end of the choice.
+
+        Args:
+            truncated: The generation was cut (finish reason ``length``): a tool call still
+                open is dropped rather than turned back into content (``ToolFormat.finish``).
 
         Returns:
             The last deltas.
         """
-        return self._route(*self._split("", final=True), final=True)
+        return self._route(*self._split("", final=True), final=True, truncated=truncated)
+
+    def finish_reason(self, engine_reason: str) -> str:
+        """OpenAI's ``finish_reason`` for the choice, given the engine's.
+
+        Args:
+            engine_reason: ``stop``, ``length``, ``abort`` or ``error``.
+
+        Returns:
+            ``tool_calls`` when the model ended its turn with calls; otherwise the engine's
+            reason (a cut response is ``length`` even after complete calls).
+        """
+        return "tool_calls" if engine_reason == "stop" and self.tool_calls else engine_reason
 
     def _split(self, text: str, final: bool) -> tuple[str, str]:
         if self._reasoning is None:
@@ -108,11 +148,13 @@ class ChoiceAssembler:
             return reasoning + more_r, content + more_c
         return self._reasoning.feed(text)
 
-    def _route(self, reasoning: str, content: str, final: bool = False) -> list[Delta]:
+    def _route(
+        self, reasoning: str, content: str, final: bool = False, truncated: bool = False
+    ) -> list[Delta]:
         deltas: list[Delta] = []
         if reasoning:
             self.reasoning.append(reasoning)
-            deltas.append(Delta(reasoning_content=reasoning))
+            deltas.append(Delta(reasoning_content=reasoning, reasoning=reasoning))
         if self._tools is None:
             if content:
                 self.content.append(content)
@@ -120,7 +162,7 @@ class ChoiceAssembler:
             return deltas
         events = self._tools.feed(content) if content else []
         if final:
-            events += self._tools.finish()
+            events += self._tools.finish(truncated)
         for event in events:
             deltas.extend(self._tool_delta(event))
         return deltas
@@ -135,7 +177,7 @@ class ChoiceAssembler:
             if not event.text:
                 return []
             self.reasoning.append(event.text)
-            return [Delta(reasoning_content=event.text)]
+            return [Delta(reasoning_content=event.text, reasoning=event.text)]
         if self.config.single_call and event.index > 0:
             return []  # parallel_tool_calls=false: the first call only
         if isinstance(event, ToolCallStart):
@@ -166,9 +208,11 @@ class ChoiceAssembler:
             The message: ``content`` null beside tool calls, else a string (maybe empty).
         """
         content, calls = "".join(self.content), self.tool_calls
+        reasoning = "".join(self.reasoning) or None
         return AssistantMessage(
             content=content or (None if calls else ""),
-            reasoning_content="".join(self.reasoning) or None,
+            reasoning_content=reasoning,
+            reasoning=reasoning,
             tool_calls=calls or None,
         )
 
@@ -200,10 +244,17 @@ def choice_logprobs(
     )
 
 
-def _usage(runtime: Runtime, tally: Tally, assemblers: list[ChoiceAssembler]) -> Usage:
-    """``usage``, with the reasoning tokens: the choices' reasoning text, tokenised again."""
-    encode = runtime.tokenizer.encode
-    reasoning = sum(len(encode("".join(a.reasoning))) for a in assemblers if a.reasoning)
+def chat_usage(tally: Tally, assemblers: list[ChoiceAssembler]) -> Usage:
+    """A chat response's ``usage``.
+
+    Args:
+        tally: The request's token counts.
+        assemblers: Every choice's assembler, fed to the end.
+
+    Returns:
+        The usage; its reasoning tokens are the choices' generated reasoning tokens.
+    """
+    reasoning = sum(a.reasoning_tokens for a in assemblers)
     details = CompletionTokensDetails(reasoning_tokens=reasoning)
     return Usage.count(
         tally.prompt, tally.completion, tally.cached, completion_tokens_details=details
@@ -246,7 +297,7 @@ class ChatChunks:
 
     def delta(self, prompt: int, event: DeltaEvent) -> list[str]:
         """The chunks of a choice's new text (a chat has one prompt)."""
-        deltas = self.choices[event.index].feed(event.text) if event.text else []
+        deltas = self.choices[event.index].feed(event.text, len(event.token_ids))
         lp = None
         if event.logprobs:
             lp = choice_logprobs(self.runtime.tokenizer.token_bytes, event.logprobs)
@@ -257,16 +308,17 @@ class ChatChunks:
     def finish(self, prompt: int, event: FinishEvent) -> list[str]:
         """A choice's held-back text, then an empty delta with its ``finish_reason``."""
         assembler = self.choices[event.index]
-        out = [self._choice(event.index, d) for d in assembler.finish()]
+        cut = event.finish_reason == "length"
+        out = [self._choice(event.index, d) for d in assembler.finish(truncated=cut)]
         if event.index not in self.role_sent:  # finished without any text: still say who spoke
             out.append(self._choice(event.index, Delta(content="")))
-        reason = "tool_calls" if assembler.tool_calls else event.finish_reason
+        reason = assembler.finish_reason(event.finish_reason)
         out.append(self._choice(event.index, Delta(), finish=reason))
         return out
 
     def usage(self, tally: Tally) -> str:
         """The usage chunk: no choices."""
-        return self.out.write([], _usage(self.runtime, tally, list(self.choices.values())))
+        return self.out.write([], chat_usage(tally, list(self.choices.values())))
 
 
 def chat_completion(
@@ -293,13 +345,14 @@ def chat_completion(
     choices, assemblers = [], []
     for i, output in enumerate(outputs):
         assembler = ChoiceAssembler(config)
-        assembler.feed(output.text)
-        assembler.finish()
+        for delta in output.deltas:  # as streamed: the same split, the same token counts
+            assembler.feed(delta.text, len(delta.token_ids))
+        assembler.finish(truncated=output.finish.finish_reason == "length")
         assemblers.append(assembler)
         logprobs = None
         if req.logprobs:
             logprobs = choice_logprobs(runtime.tokenizer.token_bytes, output.logprobs)
-        reason = "tool_calls" if assembler.tool_calls else output.finish.finish_reason
+        reason = assembler.finish_reason(output.finish.finish_reason)
         choices.append(
             ChatChoice(
                 index=i, message=assembler.message(), logprobs=logprobs, finish_reason=reason
@@ -311,5 +364,5 @@ def chat_completion(
         model=req.model,
         system_fingerprint=runtime.fingerprint,
         choices=choices,
-        usage=_usage(runtime, tally, assemblers),
+        usage=chat_usage(tally, assemblers),
     )

@@ -126,6 +126,22 @@ class HarmonyFormat(ToolFormat):
         while step[self._state](eof):
             pass
 
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the text so far ends inside an analysis message's body."""
+        return self._state == self._BODY and self._kind == "reasoning"
+
+    def _drop_unfinished(self) -> None:
+        """A cut header, call message or opener is unwritten markup: forget it."""
+        if self._state == self._HEADER or (self._state == self._BODY and self._kind == "call"):
+            self._buf, self._state = "", self._BETWEEN
+        elif self._state == self._BETWEEN:
+            self._buf = ""  # at most the beginning of a header marker
+        else:  # text outside a message, or a body: a marker cut short is not text
+            ends = (_START, _CHANNEL) if self._state == self._STRAY else (*_ENDS, _START)
+            keep = max(partial_marker_len(self._buf, m) for m in ends)
+            self._buf = self._buf[: len(self._buf) - keep]
+
     def _between(self, eof: bool) -> bool:
         buf = self._buf
         if not buf:

@@ -134,7 +134,8 @@ class ToolFormat:
     whitespace that only separates content from a call or calls from each other (part of the
     markup). A call that turns out unfinished or malformed comes back as content, with all
     of its text; if its `ToolCallStart` was already streamed it is missing from `calls`, and
-    later calls still get new indices.
+    later calls still get new indices. The exception is a generation cut short
+    (``finish(truncated=True)``): a call it left unfinished is dropped, not made content.
 
     Args:
         tools: The request's OpenAI tool definitions (optional; a format may read parameter
@@ -216,6 +217,7 @@ class ToolFormat:
         self._after_call = False  # nothing but whitespace since the last well-formed call
         self._next_index = 0
         self._finished = False
+        self._cut = False  # finish(truncated=True): a call left open at the end is dropped
         self._call_index: int | None = None
         self._call_id = ""
         self._call_name = ""
@@ -244,16 +246,45 @@ class ToolFormat:
         self._run(eof=False)
         return self._take_events()
 
-    def finish(self) -> list[Event]:
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the text so far ends inside reasoning (only a ``SPLITS_REASONING`` format)."""
+        return False
+
+    def finish(self, truncated: bool = False) -> list[Event]:
         """End the stream: held-back text and any unfinished call become content.
+
+        Args:
+            truncated: The generation was cut (``max_tokens``), not ended by the model. Then a
+                call the end of the text leaves unfinished is not malformed but unwritten: its
+                text is dropped, neither a call nor content, and so is a held-back tail that
+                may be the start of markup (with the whitespace before it).
 
         Returns:
             The remaining events.
         """
         if not self._finished:
             self._finished = True
+            if truncated:
+                self._run(eof=False)  # everything the text already decides, as usual
+                self._cut = True
+                self._drop_unfinished()
             self._run(eof=True)
         return self._take_events()
+
+    def _drop_unfinished(self) -> None:
+        """Forget the start of markup a cut generation left in the held-back tail.
+
+        An open call is left to `_step_call`: the end of the text may still complete it (a
+        format whose end marker is optional at EOF), and if not, the cut drops it there.
+        """
+        close = self.SECTION[1]
+        if self._in_call:
+            return
+        if close and self._after_call and close.startswith(self._buf.lstrip()):
+            self._buf = ""  # the section's close, cut short
+        elif keep := self._undecided_tail(self._buf):
+            self._buf = self._buf[: len(self._buf) - keep].rstrip()
 
     def _run(self, eof: bool) -> None:
         # Each step either switches between content and a call (go on) or needs more text.
@@ -321,6 +352,10 @@ class ToolFormat:
             if not isinstance(decode(self._call_args), dict):
                 raise MalformedCallError("arguments are not a JSON object")
         except MalformedCallError as exc:
+            if eof and self._cut:  # unwritten, not malformed: neither a call nor content
+                logger.debug("tool call cut short, dropped: %s", exc)
+                self._in_call, self._buf = False, ""
+                return False
             logger.debug("tool call markup treated as text: %s", exc)
             self._in_call = False
             # The call's text goes back to being content; only its START is known not to be

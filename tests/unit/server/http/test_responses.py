@@ -101,6 +101,7 @@ def test_a_message_says_null_for_what_it_lacks() -> None:
         "role": "assistant",
         "content": None,
         "reasoning_content": None,
+        "reasoning": None,
         "tool_calls": None,
     }
 
