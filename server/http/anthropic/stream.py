@@ -117,7 +117,8 @@ class MessageEvents:
             The events.
         """
         out: list[StreamEvent] = []
-        for chat_delta in self.assembler.finish():
+        # A call cut by max_tokens is dropped, never returned as text or as a complete call.
+        for chat_delta in self.assembler.finish(truncated=finish.finish_reason == "length"):
             out += self.content.add(chat_delta)
         out += self.content.close()
         stops = self.req.stop_sequences or []

@@ -75,10 +75,11 @@ def whole_message(
     # Fed delta by delta, as a stream is, so that both split the text alike.
     for chat_delta in [d for e in output.deltas for d in assembler.feed(e.text)]:
         content.add(chat_delta)
-    for chat_delta in assembler.finish():
+    finish, matched = output.finish.finish_reason, None
+    # A call cut by max_tokens is dropped, never returned as text or as a complete call.
+    for chat_delta in assembler.finish(truncated=finish == "length"):
         content.add(chat_delta)
     content.close()
-    finish, matched = output.finish.finish_reason, None
     if finish == "stop":
         ids = [i for d in output.deltas for i in d.token_ids]
         matched = matched_stop(runtime.tokenizer, ids, req.stop_sequences or [])
