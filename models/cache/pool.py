@@ -133,6 +133,7 @@ class Pool:
             self.arrays[layer] = fresh if capacity else []
         mx.eval([a for arrays in self.arrays.values() for a in arrays])
         self.capacity = capacity
-        # The old buffers went back to MLX's allocator cache; hand them to the system, or the
-        # process would keep the largest size the cache ever had.
-        mx.clear_cache()
+        # The old buffers go back to MLX's allocator cache, which keeps at most its limit
+        # (32 MiB by default on the CPU; ``mlx_cache_limit_bytes``) and frees the rest, so RSS
+        # stays bounded without emptying the cache here: clearing it made every following
+        # step's activations fault in fresh pages.
