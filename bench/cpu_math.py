@@ -32,10 +32,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
-from bench.step_profile import decode_step
+from bench.step_profile import decode_step, prefilled_store
 from moeserve.models import backend
 from moeserve.models.backend import fastmath
-from moeserve.models.cache import BatchKVCache
+from moeserve.models.cache import StepCache
 from moeserve.models.loader import load_model
 
 
@@ -121,10 +121,11 @@ def end_to_end(model_dir: Path, rounds: int) -> None:
     prompt = mx.random.randint(0, 4000, (1, 2000), key=mx.random.key(0))
 
     def prefill(n: int) -> mx.array:
-        cache = model.make_cache()
+        cache = model.make_cache()  # one sequence's store; each call writes after the last
         for start in range(0, n, 512):
             out = model(prompt[:, start : min(n, start + 512)], cache=cache)
-            mx.eval(out[:, -1], [c.keys for c in cache])
+            pools = cache.store.pools
+            mx.eval(out[:, -1], [a for p in pools for arrays in p.arrays.values() for a in arrays])
         return out[:, -1]
 
     work = {
@@ -148,11 +149,9 @@ def end_to_end(model_dir: Path, rounds: int) -> None:
 def count_ops(model_dir: Path) -> None:
     """Table 4."""
     model, _ = load_model(model_dir, "float32")
-    cache = model.make_cache()
-    model(mx.random.randint(0, 4000, (1, 300), key=mx.random.key(1)), cache=cache)
-    mx.eval([c.keys for c in cache])
-    batch = [BatchKVCache.merge([c]) for c in cache]
-    out = mx.argmax(model(mx.zeros((1, 1), dtype=mx.int32), cache=batch)[:, -1, :], axis=-1)
+    store, ids = prefilled_store(model, [300])
+    step = StepCache(store, ids, 1)  # the engine's decode views for a batch of one
+    out = mx.argmax(model(mx.zeros((1, 1), dtype=mx.int32), cache=step)[:, -1, :], axis=-1)
     with tempfile.TemporaryDirectory() as tmp:
         dot = Path(tmp) / "step.dot"
         mx.export_to_dot(str(dot), out)

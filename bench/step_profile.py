@@ -2,8 +2,9 @@
 
 MLX evaluates a step's graph as a whole, so timing a part on its own misses how it overlaps
 with the rest, and evaluating after every part inflates the small ones. Instead this times
-whole decode steps (batch B, context ~300, the engine's ``BatchKVCache``) with one part of
-every layer replaced by something free of cost, and reports the difference from the full
+whole decode steps (batch B, context ~300, the engine's paged ``CacheStore``, with the
+per-step ``StepCache`` views built as the engine builds them) with one part of every layer
+replaced by something free of cost, and reports the difference from the full
 step as that part's cost:
 
 * routed experts and router: the Qwen2-MoE block keeps only its gated shared expert;
@@ -33,7 +34,7 @@ import mlx.core as mx
 
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from moeserve.models import qwen2_moe
-from moeserve.models.cache import BatchKVCache
+from moeserve.models.cache import CacheStore, StepCache
 from moeserve.models.layers import attention
 from moeserve.models.layers.moe import combine_experts, softmax_topk
 from moeserve.models.loader import load_model
@@ -71,11 +72,34 @@ VARIANTS = {
 }
 
 
+def prefilled_store(model, lengths: list[int]) -> tuple[CacheStore, list[str]]:
+    """A store holding one row per length, each prefilled with the same random prompt.
+
+    Args:
+        model: A loaded model of the bench checkpoint's vocabulary.
+        lengths: Prompt length of each row (at most 4,000).
+
+    Returns:
+        The store (the engine's ``CacheStore`` for the model's layout) and the row ids.
+    """
+    prompt = mx.random.randint(0, 4000, (1, max(lengths)), key=mx.random.key(0))
+    store = CacheStore(model.cache_layout(), model.cache_dtype())
+    ids = []
+    for r, n in enumerate(lengths):
+        ids.append(f"row{r}")
+        store.add(ids[-1])
+        cache = StepCache(store, [ids[-1]], n)  # one prefill pass, as the runner's chunk
+        mx.eval(model(prompt[:, :n], cache=cache, last_only=True), cache.arrays())
+    return store, ids
+
+
 def decode_step(model, rows: int) -> Callable[[], mx.array]:
     """A function that runs one decode step of ``rows`` rows at a fixed context (~300 tokens).
 
-    The rows are prefilled to slightly different lengths and merged into the engine's
-    left-padded ``BatchKVCache``; after each step the caches are moved back one position, so
+    The rows are prefilled to slightly different lengths (300, 297, ...) in one
+    ``CacheStore``; each step builds the views for all rows (``StepCache(store, ids, 1)``,
+    write and gather indices and the padding mask, as the engine's runner does) and runs the
+    model. After each step every row's length goes back one position (its blocks stay), so
     every call does the same work.
 
     Args:
@@ -85,21 +109,14 @@ def decode_step(model, rows: int) -> Callable[[], mx.array]:
     Returns:
         The step; it returns the greedy tokens ``[rows]``, evaluated.
     """
-    prompt = mx.random.randint(0, 4000, (1, 300), key=mx.random.key(0))
-    per_row = []
-    for r in range(rows):
-        cache = model.make_cache()
-        model(prompt[:, : 300 - 3 * r], cache=cache)
-        mx.eval([c.keys for c in cache])
-        per_row.append(cache)
-    caches = [BatchKVCache.merge(list(layer)) for layer in zip(*per_row)]
+    store, ids = prefilled_store(model, [300 - 3 * r for r in range(rows)])
     tokens = mx.zeros((rows, 1), dtype=mx.int32)
 
     def step() -> mx.array:
-        out = mx.argmax(model(tokens, cache=caches)[:, -1, :], axis=-1)
+        out = mx.argmax(model(tokens, cache=StepCache(store, ids, 1))[:, -1, :], axis=-1)
         mx.eval(out)
-        for c in caches:  # keep the context length fixed from step to step
-            c.offset -= 1
+        for seq_id in ids:  # keep the context length fixed from step to step
+            store.rows[seq_id].length -= 1
         return out
 
     return step
