@@ -13,7 +13,7 @@ prompts twice on one server (its prompt cache would answer them).
 Reports per run and as medians: output tok/s, TTFT p50/p99, ITL p50/p99, the ratio
 after / before of each median, and the median of the per-pair ratios (run k of each server,
 neighbours in time, so a slow spell weighs on both sides of a pair); peak RSS (``VmHWM``) of
-each server at the end.
+each server at the end (MiB, as ``peak_rss_mb`` in the JSON).
 
 It knows git, process environments and the load generator's report; not what changed
 between the revisions.
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         b, a = out["medians"]["before"][m], out["medians"]["after"][m]
         ratio, paired = out["ratios"].get(m, 0), out["paired_ratios"][m]
         print(f"{m:>18} {b:9.1f} {a:9.1f} {ratio:12.3f}x {paired:7.3f}x")
-    print("peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in out["peak_rss_mb"].items()))
+    print("peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in out["peak_rss_mb"].items()))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 1 if any(r["failed"] for runs in out["runs"].values() for r in runs) else 0

@@ -61,8 +61,8 @@ from moeserve.server.engine.sampling import SamplingParams
 from moeserve.server.engine.scheduler import SchedulerConfig
 from moeserve.server.text.tokenizer import Tokenizer
 
-MB = 1 << 20
-RSS_ALLOWANCE = 400 * MB  # what the process may grow beyond the budget (the target)
+MIB = 1 << 20
+RSS_ALLOWANCE = 400 * 10**6  # what the process may grow beyond the budget (the target: 400 MB)
 RATIO_LIMIT = 1.25  # allocated bytes per held token's bytes (the target)
 
 
@@ -308,19 +308,19 @@ def summary(r: dict[str, Any]) -> str:
         f"prompts: 1 x {prompts[0]} tokens + {len(prompts) - 1} x {min(prompts[1:])}-"
         f"{max(prompts[1:])} tokens, {r['max_tokens']} output tokens each; "
         f"{r['bytes_per_token']} bytes per token",
-        f"demand {r['demand_bytes'] / MB:.1f} MiB, budget {r['budget_bytes'] / MB:.1f} MiB "
+        f"demand {r['demand_bytes'] / MIB:.1f} MiB, budget {r['budget_bytes'] / MIB:.1f} MiB "
         f"({r['budget_fraction']:.0%})",
         f"completed {r['completed']}/{r['requests']}, {r['output_tokens']} output tokens in "
         f"{r['wall_s']} s ({r['output_tok_s']} tok/s), preemptions {r['preemptions']}",
         f"{r['mode']}; sampled {r['sampled']}",
-        f"peak allocated KV {r['peak_kv_bytes'] / MB:.2f} MiB (peak tokens held "
+        f"peak allocated KV {r['peak_kv_bytes'] / MIB:.2f} MiB (peak tokens held "
         f"{r['peak_kv_tokens']})",
         f"max allocated/held ratio {r['max_ratio']} (sample {r['max_ratio_sample']}, "
         f"{r['max_ratio_tokens']} tokens held); with >= {r['steady_tokens']} tokens held: "
         f"{r['max_ratio_steady']} ({r['max_ratio_steady_tokens']} tokens)",
-        f"peak RSS growth {r['rss_peak_growth_bytes'] / MB:.1f} MB over "
-        f"{r['rss_base_bytes'] / MB:.0f} MB (VmHWM reset: {r['rss_hwm_reset']})"
-        + (f"; MLX peak {r['mlx_peak_bytes'] / MB:.1f} MB" if r["mlx_peak_bytes"] else ""),
+        f"peak RSS growth {r['rss_peak_growth_bytes'] / MIB:.1f} MiB over "
+        f"{r['rss_base_bytes'] / MIB:.0f} MiB (VmHWM reset: {r['rss_hwm_reset']})"
+        + (f"; MLX peak {r['mlx_peak_bytes'] / MIB:.1f} MiB" if r["mlx_peak_bytes"] else ""),
     ]
     lines += [f"{'met' if ok else 'NOT MET':>8}: {name}" for name, ok in checks]
     return "\n".join(lines)
