@@ -11,7 +11,7 @@ import re
 from collections.abc import Container
 from typing import Any
 
-from moeserve.server.text.formats.grammar_writer import GrammarWriter
+from moeserve.server.text.formats.grammar_writer import GrammarWriter, resolve_ref, with_defs
 from moeserve.server.text.formats.tool_base import (
     MalformedCallError,
     ToolFormat,
@@ -181,28 +181,14 @@ def _pair(g: GrammarWriter, key: str, value: str) -> str:
 
 def _value(g: GrammarWriter, rule: str, schema: Any, root: dict[str, Any], lenient: bool) -> str:
     """One argument's value and its ``</arg_value>``."""
-    target = _resolve(schema, root)
+    target = resolve_ref(schema, root)
     if isinstance(target, dict) and target.get("type") == "string":
         choices = target.get("enum") or ([target["const"]] if "const" in target else None)
         if not choices or not all(isinstance(c, str) for c in choices):
             return g.raw_until(rule, "</arg_value>", target)
         return f"({' | '.join(g.literal(c) for c in choices)}) {g.mark('</arg_value>')}"
-    sub = dict(schema) if isinstance(schema, dict) else {}
-    for defs in ("$defs", "definitions"):  # keep local $refs resolvable in the sub-schema
-        if defs in root:
-            sub.setdefault(defs, root[defs])
+    sub = with_defs(schema, root)  # keep local $refs resolvable in the sub-schema
     return f"{g.json(rule, sub, lenient)} {g.mark('</arg_value>')}"
-
-
-def _resolve(schema: Any, root: dict[str, Any]) -> Any:
-    """Follow one local ``$ref`` (``#/$defs/X``); anything else is returned as is."""
-    ref = schema.get("$ref") if isinstance(schema, dict) else None
-    if not isinstance(ref, str) or not ref.startswith("#/"):
-        return schema
-    node: Any = root
-    for part in ref[2:].split("/"):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node if isinstance(node, dict) else schema
 
 
 FORMAT = Glm45Format  # what the registry (formats/__init__.py) lists

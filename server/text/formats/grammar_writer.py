@@ -108,3 +108,39 @@ class GrammarWriter:
             return f"/{text}/ {closing}"
         self.rules.append(f"{rule}[lazy]: /{text}{_regex_text(close)}/")
         return rule
+
+
+def resolve_ref(schema: Any, root: dict[str, Any]) -> Any:
+    """Follow one local ``$ref`` (``#/$defs/X``) of a parameter schema.
+
+    Args:
+        schema: A parameter's schema (maybe a ``$ref``).
+        root: The function's whole parameters schema, which holds the definitions.
+
+    Returns:
+        The referenced schema; anything else as given.
+    """
+    ref = schema.get("$ref") if isinstance(schema, dict) else None
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        return schema
+    node: Any = root
+    for part in ref[2:].split("/"):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else schema
+
+
+def with_defs(schema: Any, root: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema carrying the root's definitions, so its local ``$ref``s resolve.
+
+    Args:
+        schema: A parameter's schema.
+        root: The function's whole parameters schema.
+
+    Returns:
+        A copy of ``schema`` with ``$defs`` / ``definitions`` added where the root has them.
+    """
+    sub = dict(schema) if isinstance(schema, dict) else {}
+    for defs in ("$defs", "definitions"):
+        if defs in root:
+            sub.setdefault(defs, root[defs])
+    return sub

@@ -34,7 +34,7 @@ import re
 from collections.abc import Container
 from typing import Any
 
-from moeserve.server.text.formats.grammar_writer import GrammarWriter
+from moeserve.server.text.formats.grammar_writer import GrammarWriter, resolve_ref, with_defs
 from moeserve.server.text.formats.tool_base import (
     MAX_PARALLEL_CALLS,
     MalformedCallError,
@@ -217,20 +217,9 @@ def _tag(g: GrammarWriter, opening: str, name: str) -> str:
     return g.literal(f'{opening}"{name}">')
 
 
-def _resolve(schema: Any, root: dict[str, Any]) -> Any:
-    """Follow one local ``$ref`` (``#/$defs/X``); anything else is returned as is."""
-    ref = schema.get("$ref") if isinstance(schema, dict) else None
-    if not isinstance(ref, str) or not ref.startswith("#/"):
-        return schema
-    node: Any = root
-    for part in ref[2:].split("/"):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node if isinstance(node, dict) else schema
-
-
 def _types(schema: Any, root: dict[str, Any]) -> set[str]:
     """The JSON types a parameter schema names (``type``, ``anyOf``/``oneOf``, a local $ref)."""
-    schema = _resolve(schema, root)
+    schema = resolve_ref(schema, root)
     if not isinstance(schema, dict):
         return set()
     kind = schema.get("type")
@@ -268,16 +257,13 @@ def _param_types(tools: list[dict[str, Any]]) -> dict[str, dict[str, set[str]]]:
 
 def _value(g: GrammarWriter, rule: str, schema: Any, root: dict[str, Any], lenient: bool) -> str:
     """One parameter's value and its ``</parameter>``."""
-    target = _resolve(schema, root)
+    target = resolve_ref(schema, root)
     if isinstance(target, dict) and _types(target, root) == {"string"} and "anyOf" not in target:
         choices = target.get("enum") or ([target["const"]] if "const" in target else None)
         if not choices or not all(isinstance(c, str) for c in choices):
             return g.raw_until(rule, _PARAMETER_END, target)
         return f"({' | '.join(g.literal(c) for c in choices)}) {g.literal(_PARAMETER_END)}"
-    sub = dict(schema) if isinstance(schema, dict) else {}
-    for defs in ("$defs", "definitions"):  # keep local $refs resolvable in the sub-schema
-        if defs in root:
-            sub.setdefault(defs, root[defs])
+    sub = with_defs(schema, root)  # keep local $refs resolvable in the sub-schema
     return f"{g.json(rule, sub, lenient)} {g.literal(_PARAMETER_END)}"
 
 

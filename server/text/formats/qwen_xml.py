@@ -19,7 +19,7 @@ import re
 from collections.abc import Container
 from typing import Any
 
-from moeserve.server.text.formats.grammar_writer import GrammarWriter
+from moeserve.server.text.formats.grammar_writer import GrammarWriter, resolve_ref, with_defs
 from moeserve.server.text.formats.tool_base import (
     MalformedCallError,
     ToolFormat,
@@ -232,24 +232,13 @@ def _parameter_schemas(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
         parameters = function.get("parameters")
         props = parameters.get("properties") if isinstance(parameters, dict) else None
         if isinstance(props, dict):
-            found[function["name"]] = {k: _resolve(v, parameters) for k, v in props.items()}
+            found[function["name"]] = {k: resolve_ref(v, parameters) for k, v in props.items()}
     return found
-
-
-def _resolve(schema: Any, root: dict[str, Any]) -> Any:
-    """Follow one local ``$ref`` (``#/$defs/X``); anything else is returned as is."""
-    ref = schema.get("$ref") if isinstance(schema, dict) else None
-    if not isinstance(ref, str) or not ref.startswith("#/"):
-        return schema
-    node: Any = root
-    for part in ref[2:].split("/"):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node if isinstance(node, dict) else schema
 
 
 def _value(g: GrammarWriter, rule: str, schema: Any, root: dict[str, Any], lenient: bool) -> str:
     """One parameter's value, then NL ``</parameter>`` NL."""
-    target = _resolve(schema, root)
+    target = resolve_ref(schema, root)
     close = "\n" + _PARAMETER_END
     if isinstance(target, dict) and _types(target) == {"string"} and "anyOf" not in target:
         choices = target.get("enum") or ([target["const"]] if "const" in target else None)
@@ -257,10 +246,7 @@ def _value(g: GrammarWriter, rule: str, schema: Any, root: dict[str, Any], lenie
             return f'{g.raw_until(rule, close, target)} "\\n"'
         literals = " | ".join(g.literal(c) for c in choices)
         return f"({literals}) {g.literal(close + chr(10))}"
-    sub = dict(schema) if isinstance(schema, dict) else {}
-    for defs in ("$defs", "definitions"):  # keep local $refs resolvable in the sub-schema
-        if defs in root:
-            sub.setdefault(defs, root[defs])
+    sub = with_defs(schema, root)  # keep local $refs resolvable in the sub-schema
     return f"{g.json(rule, sub, lenient)} {g.literal(close + chr(10))}"
 
 
