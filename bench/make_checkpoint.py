@@ -6,6 +6,9 @@ ChatML template, all from fixed seeds: the same files on every machine, so that 
 mlx_lm.server load identical weights.
 
 Usage: python bench/make_checkpoint.py [OUT_DIR]   (default: bench/checkpoints/qwen2_moe)
+       python -m bench.make_checkpoint --real-vocab [OUT_DIR] [--layers N]
+           (Qwen3-30B-A3B shapes, 151,936-row vocabulary: bench/real_vocab_checkpoint.py;
+           default bench/checkpoints/qwen3_moe_real_vocab)
 """
 
 from __future__ import annotations
@@ -71,9 +74,19 @@ def ensure_checkpoint(path: Path = DEFAULT_DIR) -> Path:
 def main() -> None:
     """Build the checkpoint at the given (or default) directory."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("out", nargs="?", type=Path, default=None)
+    parser.add_argument(
+        "--real-vocab", action="store_true", help="the Qwen3-shaped real-vocabulary checkpoint"
+    )
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (--real-vocab)")
     args = parser.parse_args()
-    path = build_checkpoint(args.out, BENCH_SPEC)
+    if args.real_vocab:
+        from bench.real_vocab_checkpoint import DEFAULT_REAL_VOCAB_DIR, build_real_vocab_checkpoint
+
+        out = args.out or DEFAULT_REAL_VOCAB_DIR
+        path = build_real_vocab_checkpoint(out, layers=args.layers)
+    else:
+        path = build_checkpoint(args.out or DEFAULT_DIR, BENCH_SPEC)
     print(path)
 
 
