@@ -13,6 +13,8 @@ from typing import Protocol
 
 import mlx.core as mx
 
+from moeserve.server.engine import truncation
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -134,7 +136,20 @@ class Sampler:
     A row whose every token is forbidden gets token 0: the engine must never ban them all. That
     is why a grammar row (``allowed_mask`` from ``server.engine.grammar``) never gets
     ``min_tokens``' EOS ban: once its grammar is complete, EOS is the only token it allows.
+
+    top_k and top_p never sort the whole vocabulary unless a row's nucleus is wider than its
+    best ``candidates`` tokens (``server.engine.truncation``), and when every sampling row
+    truncates by rank, the Gumbel draw runs over those candidates only.
+
+    Args:
+        candidates: Tokens examined per row before a full sort (tests force the vocabulary
+            size, the full-sort reference).
     """
+
+    def __init__(self, candidates: int = truncation.CANDIDATES) -> None:
+        if candidates < 1:
+            raise ValueError(f"candidates must be positive, got {candidates}")
+        self.candidates = candidates
 
     def __call__(
         self,
@@ -157,7 +172,7 @@ class Sampler:
         if any(r.params.logprobs or r.params.top_logprobs > 0 for r in rows):
             raw_lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # [B, V]
             top_ids, top_lps = _top_logprobs(raw_lp, rows)
-        tokens = _choose(_process(logits, rows, allowed_mask), rows)
+        tokens = _choose(_process(logits, rows, allowed_mask), rows, self.candidates)
         if raw_lp is not None:
             chosen_lp = mx.take_along_axis(raw_lp, tokens[:, None], axis=-1)[:, 0]
         return SampleOutput(tokens, chosen_lp, top_ids, top_lps)
@@ -286,74 +301,52 @@ def _top_logprobs(raw_lp: mx.array, rows: Sequence[Row]) -> tuple[mx.array | Non
     return mx.take_along_axis(part, order, axis=-1), mx.take_along_axis(vals, order, axis=-1)
 
 
-def _choose(processed: mx.array, rows: Sequence[Row]) -> mx.array:
-    """Greedy argmax for temperature-0 rows, Gumbel-max over truncated logits for the rest."""
+def _choose(processed: mx.array, rows: Sequence[Row], candidates: int) -> mx.array:
+    """Greedy argmax for temperature-0 rows, Gumbel-max over truncated logits for the rest.
+
+    When every sampling row truncates by rank and its kept set lies among its candidates
+    (``server.engine.truncation``), the draw runs over those [B, M] candidates only; otherwise
+    over [B, V] with -inf outside the kept set. Both draw exactly from the same distribution.
+    """
     greedy = [r.params.temperature < GREEDY_TEMPERATURE for r in rows]
     if all(greedy):
         return mx.argmax(processed, axis=-1).astype(mx.int32)
     temps = [1.0 if g else r.params.temperature for g, r in zip(greedy, rows)]
     scaled = processed / mx.array(temps, dtype=mx.float32)[:, None]  # [B, V]
-    if any(_truncates(r.params) for r in rows):
-        scaled = _truncate(scaled, rows)
+    params = [r.params for r in rows]
+    sampling = [not g for g in greedy]
+    if any(truncation.truncates(p) for p in params):
+        cut = truncation.cut(scaled, params, sampling, candidates)
+        if cut.ids is not None:  # [B, M] view: only candidates can be drawn
+            noise = _gumbel_noise(rows, greedy, cut.ids.shape, V=scaled.shape[1], ids=cut.ids)
+            pick = mx.argmax(mx.where(cut.kept, cut.values + noise, -mx.inf), axis=-1)
+            sampled = mx.take_along_axis(cut.ids, pick[:, None], axis=-1)[:, 0]
+            return _greedy_where(greedy, processed, sampled)
+        scaled = cut.apply(scaled)
     sampled = mx.argmax(scaled + _gumbel_noise(rows, greedy, scaled.shape), axis=-1)
+    return _greedy_where(greedy, processed, sampled)
+
+
+def _greedy_where(greedy: list[bool], processed: mx.array, sampled: mx.array) -> mx.array:
+    """Greedy rows take the argmax of ``processed`` (ties: lowest id), the rest ``sampled``."""
     if any(greedy):
         sampled = mx.where(mx.array(greedy), mx.argmax(processed, axis=-1), sampled)
     return sampled.astype(mx.int32)
 
 
-def _truncates(p: SamplingParams) -> bool:
-    return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
+def _gumbel_noise(
+    rows: Sequence[Row],
+    greedy: list[bool],
+    shape: tuple[int, int],
+    V: int | None = None,
+    ids: mx.array | None = None,
+) -> mx.array:
+    """Gumbel noise ``shape``: (seed, step) keys for seeded rows, the global generator for others.
 
-
-def _truncate(scaled: mx.array, rows: Sequence[Row]) -> mx.array:
-    """top_k, then top_p on what top_k left, then min_p; -inf outside what all three keep.
-
-    Each cut becomes a per-row threshold on the logit value, so tokens tied at the cut are all
-    kept (as vLLM's top_k does) and the kept set never depends on how a sort breaks ties.
+    With ``ids`` ([B, M] candidate token ids of a V-token vocabulary), a seeded row still draws
+    noise over all V tokens and takes it at its candidates, so its sample does not depend on
+    whether the draw ran over candidates or the whole vocabulary; unseeded rows draw [B, M].
     """
-    params = [r.params for r in rows]
-    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        scaled = mx.where(scaled >= _rank_threshold(scaled, params), scaled, -mx.inf)
-    if any(p.min_p > 0.0 for p in params):
-        # p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p), whatever the renormalisation.
-        log_min_p = mx.array([_log(p.min_p) for p in params], dtype=mx.float32)[:, None]
-        floor = mx.max(scaled, axis=-1, keepdims=True) + log_min_p
-        scaled = mx.where(scaled >= floor, scaled, -mx.inf)
-    return scaled
-
-
-def _rank_threshold(scaled: mx.array, params: list[SamplingParams]) -> mx.array:
-    """[B, 1] smallest logit that survives top_k and top_p; -inf where both are off."""
-    V = scaled.shape[1]
-    ks = [p.top_k if 0 < p.top_k < V else V for p in params]
-    both_off = [p.top_k <= 0 and p.top_p >= 1.0 for p in params]
-    # A full sort of V costs ~0.15 s for 8 rows of 150k on CPU. When every row that truncates
-    # has a top_k, its nucleus lies inside its best k tokens, so sorting the best max(k) is enough.
-    M = max(k for k, off in zip(ks, both_off) if not off)
-    if M < V:
-        best = mx.take_along_axis(scaled, mx.argpartition(-scaled, kth=M - 1, axis=-1)[:, :M], -1)
-    else:
-        best = scaled
-    ranked = -mx.sort(-best, axis=-1)  # [B, M], descending
-    keep = mx.arange(M)[None, :] < mx.array([min(k, M) for k in ks])[:, None]
-    probs = mx.softmax(mx.where(keep, ranked, -mx.inf), axis=-1)
-    # A token stays while the mass strictly before it is below top_p: the smallest nucleus
-    # reaching top_p. Rounding could push the tail's prefix sum to 1.0, hence the explicit off.
-    top_p = mx.array([p.top_p for p in params], dtype=mx.float32)[:, None]
-    p_off = mx.array([p.top_p >= 1.0 for p in params])[:, None]
-    keep = keep & ((mx.cumsum(probs, axis=-1) - probs < top_p) | p_off)
-    # keep is a prefix; a row with no finite logit keeps nothing, so clamp to stay in range.
-    last = mx.maximum(keep.astype(mx.int32).sum(axis=-1, keepdims=True) - 1, 0)
-    threshold = mx.take_along_axis(ranked, last, axis=-1)
-    return mx.where(mx.array(both_off)[:, None], -mx.inf, threshold)
-
-
-def _log(x: float) -> float:
-    return math.log(x) if x > 0.0 else -math.inf
-
-
-def _gumbel_noise(rows: Sequence[Row], greedy: list[bool], shape: tuple[int, int]) -> mx.array:
-    """Gumbel noise [B, V]: (seed, step) keys for seeded rows, the global generator for others."""
     seeded = [i for i, r in enumerate(rows) if r.params.seed is not None and not greedy[i]]
     if len(seeded) < greedy.count(False):  # some row samples from the global generator
         noise = mx.random.gumbel(shape=shape)
@@ -363,8 +356,11 @@ def _gumbel_noise(rows: Sequence[Row], greedy: list[bool], shape: tuple[int, int
         keys = mx.stack(
             [row_key(rows[i].params.seed, rows[i].step, rows[i].choice) for i in seeded]
         )  # [S, 2]
-        draw = mx.vmap(lambda k: mx.random.gumbel(shape=(shape[1],), key=k))
-        noise[mx.array(seeded)] = draw(keys)
+        width = shape[1] if ids is None else V
+        draw = mx.vmap(lambda k: mx.random.gumbel(shape=(width,), key=k))(keys)  # [S, V]
+        if ids is not None:
+            draw = mx.take_along_axis(draw, ids[mx.array(seeded)], axis=-1)  # [S, M]
+        noise[mx.array(seeded)] = draw
     return noise
 
 

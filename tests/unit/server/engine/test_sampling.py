@@ -383,7 +383,7 @@ def test_bad_mask_shape_raises() -> None:
 def test_disabled_truncation_keeps_every_token() -> None:
     # Here float32 prefix sums reach 1.0 before the tail; top_p=1.0 must still drop nothing,
     # or a row's result would depend on whether a neighbour switched truncation on.
-    from moeserve.server.engine.sampling import _truncate
+    from moeserve.server.engine.truncation import cut
 
     logits = mx.array([[0.0] + [-20.0] * (V - 1)] * 3)
     rows = [
@@ -391,7 +391,8 @@ def test_disabled_truncation_keeps_every_token() -> None:
         SamplerRow(SamplingParams(top_k=V + 5)),
         SamplerRow(SamplingParams(top_p=1.0, min_p=0.0)),
     ]
-    assert mx.all(_truncate(logits, rows) == logits).item()
+    kept = cut(logits, [r.params for r in rows], [True] * 3).apply(logits)
+    assert mx.all(kept == logits).item()
 
 
 def test_ties_at_the_cut_are_all_kept() -> None:

@@ -1,0 +1,147 @@
+"""Partial-selection top_k / top_p / min_p against the full-sort reference.
+
+The reference is the same module forced to sort the whole row (``candidates = V``); a
+plain-Python statement of the nucleus rule checks that reference on well-separated logits.
+Crafted rows cover ties at the cut, flat rows (nucleus wider than the candidates: the full
+sort must take over), -inf (masked) tokens, and mixes of top_k, top_p, min_p and greedy rows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import mlx.core as mx
+import pytest
+
+from moeserve.server.engine.sampling import Sampler, SamplerRow, SamplingParams
+from moeserve.server.engine.truncation import cut
+
+V = 64
+FEW = 6  # candidates per row in the partial runs: far fewer than V, so the shortcuts run
+
+
+def kept_sets(logits: mx.array, params: list[SamplingParams], candidates: int) -> list[set]:
+    """Token ids each row keeps, read from the candidate view when there is one."""
+    c = cut(logits, params, [True] * len(params), candidates)
+    if c.ids is not None:
+        ids, kept = c.ids.tolist(), c.kept.tolist()
+        return [{t for t, k in zip(r, m) if k} for r, m in zip(ids, kept)]
+    out = c.apply(logits).tolist()
+    return [{t for t, x in enumerate(r) if x > -math.inf} for r in out]
+
+
+def reference_nucleus(row: list[float], top_p: float) -> set[int]:
+    """The smallest prefix of the descending order whose mass reaches top_p, plus ties."""
+    m = max(row)
+    probs = [math.exp(x - m) for x in row]
+    z = sum(probs)
+    order = sorted(range(len(row)), key=lambda t: -row[t])
+    mass, kept = 0.0, []
+    for t in order:
+        if mass >= top_p:
+            break
+        kept.append(t)
+        mass += probs[t] / z
+    last = row[kept[-1]]
+    return {t for t in range(len(row)) if row[t] >= last}
+
+
+def peaked(seed: int, n: int = V) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.gauss(0.0, 1.0) * (8.0 if i < 4 else 1.0) for i in range(n)]
+
+
+CASES = {
+    "peaked": [peaked(s) for s in range(4)],
+    "ties_at_cut": [[5.0, 4.0] + [3.0] * 12 + [-2.0] * (V - 14)] * 2,
+    "flat": [[0.0] * V, [1.0] * (V // 2) + [0.5] * (V // 2)],
+    "slope": [[-0.02 * i for i in range(V)], [-0.3 * i for i in range(V)]],
+    "masked": [[2.0, 1.0, 0.5] + [-math.inf] * (V - 3), [-math.inf] * (V - 1) + [0.0]],
+}
+PARAMS = [
+    SamplingParams(top_p=0.9),
+    SamplingParams(top_p=0.5),
+    SamplingParams(top_k=3),
+    SamplingParams(top_k=4, top_p=0.8),
+    SamplingParams(top_p=0.95, min_p=0.05),
+    SamplingParams(top_p=0.999),
+]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("p", PARAMS, ids=lambda p: f"k{p.top_k}-p{p.top_p}-m{p.min_p}")
+def test_partial_keeps_exactly_what_the_full_sort_keeps(case: str, p: SamplingParams) -> None:
+    logits = mx.array(CASES[case])
+    params = [p] * logits.shape[0]
+    assert kept_sets(logits, params, FEW) == kept_sets(logits, params, V)
+
+
+def test_full_sort_reference_is_the_nucleus_rule() -> None:
+    rows = CASES["peaked"] + CASES["ties_at_cut"]
+    rows = mx.array(rows).tolist()  # through float32, as MLX sees them
+    for top_p in (0.3, 0.9):
+        got = kept_sets(mx.array(rows), [SamplingParams(top_p=top_p)] * len(rows), V)
+        assert got == [reference_nucleus(r, top_p) for r in rows]
+
+
+def test_mixed_batch_matches_row_by_row() -> None:
+    logits = mx.array(CASES["peaked"] + CASES["flat"] + CASES["ties_at_cut"])
+    params = [PARAMS[i % len(PARAMS)] for i in range(logits.shape[0])]
+    together = kept_sets(logits, params, FEW)
+    alone = [kept_sets(logits[i : i + 1], [p], V)[0] for i, p in enumerate(params)]
+    assert together == alone
+
+
+def test_candidate_view_is_used_only_when_exact() -> None:
+    peaked_rows = mx.array(CASES["peaked"])
+    params = [SamplingParams(top_p=0.5)] * peaked_rows.shape[0]
+    assert cut(peaked_rows, params, [True] * 4, FEW).ids is not None
+    flat = mx.array(CASES["flat"])
+    assert cut(flat, params[:2], [True] * 2, FEW).ids is None  # nucleus wider: full sort
+    # A row drawing without rank truncation needs the whole vocabulary.
+    mixed = [SamplingParams(top_p=0.5), SamplingParams(min_p=0.1)]
+    assert cut(peaked_rows[:2], mixed, [True, True], FEW).ids is None
+    # ... unless its draw is discarded (a greedy row).
+    assert cut(peaked_rows[:2], mixed, [True, False], FEW).ids is not None
+
+
+@pytest.mark.parametrize("truncation", [{"top_p": 0.9}, {"top_k": 5, "top_p": 0.7}])
+def test_seeded_samples_equal_the_full_sort_path(truncation: dict) -> None:
+    partial, full = Sampler(candidates=FEW), Sampler(candidates=V)
+    for step in range(12):
+        logits = mx.array([peaked(100 + step), [0.0] * V, peaked(200 + step)])
+        rows = [
+            SamplerRow(SamplingParams(seed=s, temperature=0.8, **truncation), step=step)
+            for s in (1, 2, 3)
+        ]
+        assert partial(logits, rows).tokens.tolist() == full(logits, rows).tokens.tolist()
+
+
+def test_unseeded_draws_stay_in_the_nucleus_and_cover_it() -> None:
+    row = mx.array([peaked(7)]).tolist()[0]
+    nucleus = reference_nucleus(row, 0.9)
+    mx.random.seed(3)
+    rows = [SamplerRow(SamplingParams(top_p=0.9)) for _ in range(2000)]
+    drawn = Sampler(candidates=FEW)(mx.array([row] * 2000), rows).tokens.tolist()
+    assert set(drawn) == nucleus
+
+
+def test_greedy_rows_are_unchanged_beside_truncated_ones() -> None:
+    logits = mx.array(CASES["ties_at_cut"][:1] + CASES["peaked"][:1])
+    rows = [SamplerRow(SamplingParams(temperature=0.0)), SamplerRow(SamplingParams(top_p=0.5))]
+    out = Sampler(candidates=FEW)(logits, rows).tokens.tolist()
+    assert out[0] == 0  # argmax, lowest id among ties
+
+
+def test_real_vocabulary_rows_match_the_full_sort() -> None:
+    # 151,936 tokens (Qwen3's vocabulary): a peaked row, a flatter one, and a row of ties.
+    n = 151_936
+    mx.random.seed(11)
+    base = mx.random.normal((3, n))
+    logits = mx.concatenate([base[:1] * 4.0, base[1:2] * 1.5, mx.round(base[2:] * 2.0)], axis=0)
+    for p in (SamplingParams(top_p=0.9), SamplingParams(top_p=0.9, top_k=2000)):
+        params = [p] * 3
+        full = cut(logits, params, [True] * 3, n)
+        partial = cut(logits, params, [True] * 3, 1024)
+        assert partial.threshold.tolist() == full.threshold.tolist()
