@@ -30,6 +30,7 @@ from moeserve.models.mxfp4 import QUANTIZATION as MXFP4_QUANTIZATION
 from moeserve.models.mxfp4 import is_mxfp4
 from moeserve.models.quantize import checkpoint_predicate
 from moeserve.models.registry import canonical_model_type, get_model_module
+from moeserve.models.shard import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -210,22 +211,34 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """Load every tensor of a checkpoint.
+def read_weights(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
+    """Load the tensors of a checkpoint, or only those ``keep`` accepts.
+
+    With ``keep`` (one rank of a distributed server: ``models.shard``), the shard index says
+    which files hold a wanted tensor and the others are not opened; of the files opened, the
+    unwanted tensors are dropped before anything is evaluated, so they are never read.
 
     Args:
         path: Model directory.
+        keep: Which checkpoint names to load; None loads every tensor.
 
     Returns:
         Tensor name -> array (lazy until evaluated).
     """
+    files = weight_files(path)
+    index = path / "model.safetensors.index.json"
+    if keep is not None and index.is_file():
+        weight_map = read_json(index).get("weight_map", {})
+        wanted = {path / f for name, f in weight_map.items() if keep(name)}
+        files = [f for f in files if f in wanted]
     weights: dict[str, mx.array] = {}
-    for file in weight_files(path):
+    for file in files:
         check_safetensors(file)
         try:
-            weights.update(mx.load(str(file)))
+            tensors = mx.load(str(file))
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"could not read {file}: {e}") from e
+        weights.update((k, v) for k, v in tensors.items() if keep is None or keep(k))
     return weights
 
 
@@ -325,6 +338,7 @@ def load(
     path_or_repo: str | Path,
     dtype: str | mx.Dtype | None = None,
     progress: Progress | None = None,
+    shard: Shard | None = None,
 ) -> LoadedModel:
     """Resolve, build and load a model.
 
@@ -335,6 +349,8 @@ def load(
         path_or_repo: Local directory or Hugging Face repo id.
         dtype: Cast floating weights to this dtype; None keeps the checkpoint's.
         progress: Called with (bytes done, bytes total) while the weights are read.
+        shard: The part of the model one rank of a distributed server holds
+            (``models.shard``); None loads the whole model.
 
     Returns:
         The loaded model and its metadata.
@@ -343,8 +359,14 @@ def load(
     config = read_json(path / "config.json")
     model, model_type = build_model(config)
     target = parse_dtype(dtype)
+    keep = None
+    if shard is not None:
+        shard.prepare(model)
+        keep = shard.keep_tensor
     # A block-FP8 publisher checkpoint becomes float here, so sanitize sees float tensors.
-    weights = model.sanitize(dequantize_fp8(read_weights(path), config, target))
+    weights = model.sanitize(dequantize_fp8(read_weights(path, keep), config, target))
+    if shard is not None:
+        weights = shard.rename(model, weights)
     quant = _quantization(config)
     if quant is not None:
         nn.quantize(

@@ -176,6 +176,11 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(getattr(args, "config", None), **overrides)
     logging.basicConfig(level=settings.log_level.upper(), format=_LOG_FORMAT)
     _warn_unknown_env()
+    if settings.distributed is not None:  # started by mlx.launch: every rank joins first
+        from moeserve.server.distributed import launch
+
+        if launch.join(settings).rank != 0:
+            return launch.run_follower(settings)  # no port: only rank 0 serves HTTP
     from moeserve.server.http.app import (
         create_app,  # imported late: it pulls in FastAPI and the engine
     )

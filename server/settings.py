@@ -229,6 +229,20 @@ class Settings(BaseSettings):
         description="bytes of freed MLX buffers kept for reuse (more: fewer page faults on "
         "large activations, higher RSS); unset: MLX's default (32 MiB on the CPU)",
     )
+    distributed: Literal["pipeline", "tensor"] | None = Field(
+        None,
+        description="serve one model from several processes started by mlx.launch "
+        "(README: Distributed serving): pipeline (each rank a slice of the layers) or tensor "
+        "(each rank part of every layer's heads and experts); rank 0 serves HTTP, the others "
+        "open no port; unset: one process",
+    )
+    distributed_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="with distributed: a step's communication that takes longer (a rank "
+        "died, the network is down) stops every rank with a message naming it",
+    )
 
     _file_keys: frozenset[str] = PrivateAttr(default=frozenset())
 

@@ -11,6 +11,7 @@ format: ``server/http/app.py`` calls ``build_runtime`` in its lifespan.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,6 +32,8 @@ from moeserve.models.backend.blas import blas_in_use, blas_warning
 from moeserve.models.errors import ModelError
 from moeserve.models.loader import LoadedModel, Progress, load, read_json, weight_files
 from moeserve.models.quantize import count_parameters
+from moeserve.server.distributed import launch as distributed
+from moeserve.server.distributed.engine import DistributedEngine
 from moeserve.server.engine import kv_io
 from moeserve.server.engine.engine import Engine
 from moeserve.server.engine.prompt_cache import PromptCache, PromptCacheConfig
@@ -176,8 +179,11 @@ def load_served_model(settings: Settings) -> ServedModel:
     """
     apply_compute_settings(settings)
     source = settings.model if settings.model is not None else demo_model_dir()
+    shard = distributed.rank_shard(settings) if settings.distributed else None
     with _progress_bar() as progress:
-        loaded = load(source, dtype=settings.resolved_dtype(), progress=progress)
+        loaded = load(source, dtype=settings.resolved_dtype(), progress=progress, shard=shard)
+    if shard is not None:  # this rank's part, with its hand-offs or collectives
+        loaded.model = distributed.attach(loaded, shard)
     try:
         tokenizer = Tokenizer.from_dir(loaded.path)
     except (OSError, ValueError) as e:
@@ -354,7 +360,14 @@ def build_runtime(settings: Settings) -> Runtime:
         max_model_len=config.max_model_len,
         prefill_chunk=config.prefill_chunk,
     )
-    engine = Engine(
+    engine_class: Any = Engine
+    if settings.distributed:  # rank 0 broadcasts every step to the other ranks
+        engine_class = functools.partial(
+            DistributedEngine,
+            link=distributed.link(),
+            heartbeat=settings.distributed_timeout_seconds / 4,
+        )
+    engine = engine_class(
         served.loaded.model,
         served.tokenizer,
         config,
@@ -379,6 +392,8 @@ def build_runtime(settings: Settings) -> Runtime:
     )
     # Under the server's logger name, like the CLI's own lines: users see it as moeserve's.
     logging.getLogger("moeserve").info("%s", summary_line(served, settings, kv_bytes))
+    if settings.distributed:
+        logging.getLogger("moeserve").info("%s", distributed.summary(settings.distributed))
     # A slow BLAS costs ~25x on matrix products; the summary line names it, but few read it.
     if (warning := blas_warning()) is not None:
         logging.getLogger("moeserve").warning("%s", warning)

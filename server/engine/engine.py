@@ -114,6 +114,8 @@ class Engine:
         kv_cache_bits: Quantize positional cache tensors to 8 or 4 bits (None: off).
         grammar: Compiles constraints (``engine.grammar.json_schema(...)`` from any thread);
             one for ``tokenizer`` is made when not given.
+        runner: A runner made by the caller (a distributed rank's); None makes one from
+            ``model``, ``kv_cache_max_bytes`` and ``kv_cache_bits``.
     """
 
     def __init__(
@@ -125,12 +127,13 @@ class Engine:
         grammar: GrammarCompiler | None = None,
         kv_cache_max_bytes: int | None = None,
         kv_cache_bits: int | None = None,
+        runner: Runner | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.grammar = grammar or GrammarCompiler(tokenizer)
         self.prompt_cache = prompt_cache
         self.config = config
-        self.runner = Runner(model, max_bytes=kv_cache_max_bytes, kv_bits=kv_cache_bits)
+        self.runner = runner or Runner(model, max_bytes=kv_cache_max_bytes, kv_bits=kv_cache_bits)
         budget = None
         if kv_cache_max_bytes is not None:
             budget = KVBudget(self.runner.store.layout, kv_cache_max_bytes)
@@ -318,13 +321,16 @@ class Engine:
     def _drain_inbox(self, block: bool) -> None:
         message = self._inbox.get() if block else self._next_message()
         while message is not None:
-            if isinstance(message, Abort):
-                self.scheduler.abort(message.request_id)
-            elif isinstance(message, Call):
-                message.run()
-            elif isinstance(message, Admit):
-                self._admit(message.client, message.admitted)
+            self._handle(message)
             message = self._next_message()
+
+    def _handle(self, message: Message) -> None:
+        if isinstance(message, Abort):
+            self.scheduler.abort(message.request_id)
+        elif isinstance(message, Call):
+            message.run()
+        elif isinstance(message, Admit):
+            self._admit(message.client, message.admitted)
 
     def _next_message(self) -> Message | None:
         try:

@@ -36,6 +36,57 @@ logger = logging.getLogger(__name__)
 MAX_BOUNDARIES = 8
 
 
+@dataclass(slots=True)
+class ChunkWork:
+    """One prefill chunk as the model sees it: plain data, so it can cross between ranks."""
+
+    seq_id: str
+    tokens: list[int]  # prompt positions [end - len(tokens), end)
+    end: int
+    is_last: bool  # completes the prefill (the row joins the decode batch)
+    samples: bool  # yields a token (the last chunk of a first prefill)
+    first: bool  # the sequence has no output yet (its prompt-end recurrent state is kept)
+
+
+@dataclass
+class StepWork:
+    """The model's part of a ``StepPlan``: leavers, chunks and the decode rows' last tokens.
+
+    Only ids and tokens: what a rank that owns no scheduler needs to run the same passes.
+    """
+
+    leaving: list[str] = field(default_factory=list)  # released or preempted seq ids
+    chunks: list[ChunkWork] = field(default_factory=list)
+    decodes: dict[str, int] = field(default_factory=dict)  # seq_id -> its last token
+
+    @classmethod
+    def from_plan(cls, plan: StepPlan) -> StepWork:
+        """Extract the work of a scheduler's plan.
+
+        Args:
+            plan: From ``Scheduler.schedule()``.
+
+        Returns:
+            The work.
+        """
+        chunks = [
+            ChunkWork(
+                c.seq.seq_id,
+                list(c.seq.all_ids[c.start : c.end]),
+                c.end,
+                c.is_last,
+                c.samples,
+                not c.seq.output_ids,
+            )
+            for c in plan.prefills
+        ]
+        return cls(
+            leaving=[s.seq_id for s in plan.released + plan.preempted],
+            chunks=chunks,
+            decodes={s.seq_id: s.last_token for s in plan.decodes},
+        )
+
+
 @dataclass
 class StepResult:
     """What one step produced, as plain Python."""
@@ -124,40 +175,58 @@ class Runner:
         Returns:
             The sampled tokens.
         """
-        self._release(plan.released + plan.preempted)
+        work = StepWork.from_plan(plan)
+        logits, order_ids = self.forward(work)
         result = StepResult()
-        logits: list[mx.array] = []  # each [1 or B, V]
-        order: list[Sequence] = []
-        finished_prefill: list[str] = []
-        for chunk in plan.prefills:
-            seq, seq_id = chunk.seq, chunk.seq.seq_id
-            if seq_id not in self.store.rows:
-                self.store.add(seq_id)
-            cache = StepCache(self.store, [seq_id], chunk.end - chunk.start)
-            tokens = mx.array([seq.all_ids[chunk.start : chunk.end]], dtype=mx.int32)
-            out = self.model(tokens, cache=cache, last_only=chunk.is_last)  # [1, L or 1, V]
-            if chunk.is_last:
-                finished_prefill.append(seq_id)
-                if self.store.states is not None and not seq.output_ids:
-                    states = self.store.recurrent_state(seq_id)
-                    self._boundaries.setdefault(seq_id, {})[chunk.end] = states
-            if chunk.samples:
-                logits.append(out[:, -1, :])
-                order.append(seq)
-            else:
-                mx.async_eval(cache.arrays())  # start the chunk; nothing to sample
-        if plan.decodes:
-            by_id = {s.seq_id: s for s in plan.decodes}
-            logits.append(self._decode(by_id))
-            order.extend(by_id[r] for r in self._rows)
-        if order:
+        if order_ids:
+            seqs = {c.seq.seq_id: c.seq for c in plan.prefills}
+            seqs.update((s.seq_id, s) for s in plan.decodes)
+            order = [seqs[i] for i in order_ids]
             batch_logits = mx.concatenate(logits, axis=0)  # [B, V]
             allowed = self._allowed(order, batch_logits)
             out = self.sampler(batch_logits, order, allowed)
             result.samples = {s.seq_id: t for s, t in zip(order, out.to_lists(order))}
+        return result
+
+    def forward(self, work: StepWork) -> tuple[list[mx.array], list[str]]:
+        """The model's part of a step: free leavers, run the chunks and the decode batch.
+
+        Split from ``step`` so that a distributed rank that does not sample runs the same
+        passes from a plan it received (``server.distributed``).
+
+        Args:
+            work: The step's chunks, decode tokens and leavers.
+
+        Returns:
+            The outputs to sample from (each ``[1 or B, V]``; lazy) and their rows' seq ids.
+        """
+        self._release(work.leaving)
+        logits: list[mx.array] = []  # each [1 or B, V]
+        order: list[str] = []
+        finished_prefill: list[str] = []
+        for chunk in work.chunks:
+            seq_id = chunk.seq_id
+            if seq_id not in self.store.rows:
+                self.store.add(seq_id)
+            cache = StepCache(self.store, [seq_id], len(chunk.tokens))
+            tokens = mx.array([chunk.tokens], dtype=mx.int32)
+            out = self.model(tokens, cache=cache, last_only=chunk.is_last)  # [1, L or 1, V]
+            if chunk.is_last:
+                finished_prefill.append(seq_id)
+                if self.store.states is not None and chunk.first:
+                    states = self.store.recurrent_state(seq_id)
+                    self._boundaries.setdefault(seq_id, {})[chunk.end] = states
+            if chunk.samples:
+                logits.append(out[:, -1, :])
+                order.append(seq_id)
+            else:
+                mx.async_eval(cache.arrays())  # start the chunk; nothing to sample
+        if work.decodes:
+            logits.append(self._decode(work.decodes))
+            order.extend(self._rows)
         self._rows.extend(finished_prefill)  # joining the batch copies nothing
         self.max_batch_seen = max(self.max_batch_seen, len(self._rows))
-        return result
+        return logits, order
 
     @staticmethod
     def _allowed(order: list[Sequence], logits: mx.array) -> mx.array | None:
@@ -169,17 +238,17 @@ class Runner:
         mx.async_eval(logits)
         return allowed_mask(row_matchers, logits.shape[-1])
 
-    def _decode(self, by_id: dict[str, Sequence]) -> mx.array:
+    def _decode(self, last: dict[str, int]) -> mx.array:
         """One token for every row of the decode batch; returns logits ``[B, V]``."""
-        if set(by_id) != set(self._rows):
+        if set(last) != set(self._rows):
             raise RuntimeError("the plan's decode rows differ from the runner's decode batch")
-        tokens = mx.array([[by_id[r].last_token] for r in self._rows], dtype=mx.int32)  # [B, 1]
+        tokens = mx.array([[last[r]] for r in self._rows], dtype=mx.int32)  # [B, 1]
         cache = StepCache(self.store, self._rows, 1)
         return self.model(tokens, cache=cache)[:, -1, :]
 
-    def _release(self, seqs: list[Sequence]) -> None:
+    def _release(self, seq_ids: list[str]) -> None:
         """Drop released or preempted sequences' state (the engine copied what it keeps)."""
-        leaving = {s.seq_id for s in seqs}
+        leaving = set(seq_ids)
         if not leaving:
             return
         self._rows = [r for r in self._rows if r not in leaving]

@@ -260,6 +260,8 @@ BAD_VALUES: dict[str, list[Any]] = {
     "kv_cache_bits": [2, 16, "eight"],
     "cpu_fast_math": ["sometimes"],
     "mlx_cache_limit_bytes": [-1, "big"],
+    "distributed": ["both", 2],
+    "distributed_timeout_seconds": [0, "nan", "soon"],
 }
 
 

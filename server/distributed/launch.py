@@ -1,0 +1,175 @@
+"""Starting a distributed server: joining the group, loading a rank's part, the handshake.
+
+``moeserve serve --distributed pipeline|tensor`` under ``mlx.launch`` runs one process per
+rank. Every process calls ``join`` first (this process's group, kept for the rest of the
+process as MLX keeps its own). Rank 0 then goes on to serve HTTP as a single server does,
+loading its part through ``rank_shard`` / ``attach`` and running a ``DistributedEngine``;
+every other rank calls ``run_follower``, which loads its part the same way and replays rank
+0's steps, and opens no port.
+
+``attach`` is the startup handshake (after every rank loaded): each rank reports its layers
+or experts and its weight bytes, and rank 0 reports the activations' dtype and the hidden
+size that pipeline hand-offs need. ``summary`` turns the reports into the startup line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from moeserve.models.loader import LoadedModel, load
+from moeserve.models.shard import PipelineShard, Shard, causal_lm
+from moeserve.server.distributed.link import Link, init_group
+from moeserve.server.settings import Settings
+from moeserve.server.settings_sources import SettingsError
+
+logger = logging.getLogger("moeserve.distributed")
+
+_DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+_LINK: Link | None = None  # this process's group (set once by ``join``)
+_REPORTS: list[list[int]] = []  # every rank's handshake report, by rank
+
+
+def join(settings: Settings) -> Link:
+    """Join the group ``mlx.launch`` set up; every rank calls this first.
+
+    Args:
+        settings: With ``distributed`` set.
+
+    Returns:
+        The link.
+
+    Raises:
+        SettingsError: A setting the distributed server does not support.
+        RuntimeError: Not started by ``mlx.launch`` with two or more ranks.
+    """
+    global _LINK
+    if settings.prompt_cache and settings.prompt_cache_dir is not None:
+        raise SettingsError(
+            "prompt_cache_dir is not supported with --distributed (each rank would need its "
+            "own files); leave it unset, the prompt cache still works in memory",
+            ("prompt_cache_dir", "distributed"),
+        )
+    _LINK = Link(init_group(), timeout=settings.distributed_timeout_seconds)
+    return _LINK
+
+
+def link() -> Link:
+    """The link ``join`` made (rank 0's startup and engine use it).
+
+    Returns:
+        The link.
+    """
+    if _LINK is None:
+        raise RuntimeError("join() has not been called")
+    return _LINK
+
+
+def rank_shard(settings: Settings) -> Shard | None:
+    """The part of the model this rank loads, or None when not distributed.
+
+    Args:
+        settings: The server settings.
+
+    Returns:
+        The shard for ``models.loader.load``.
+    """
+    if settings.distributed is None:
+        return None
+    group = link()
+    if settings.distributed == "pipeline":
+        return PipelineShard(group.rank, group.size)
+    from moeserve.models.shard import TensorShard
+
+    return TensorShard(group.rank, group.size)
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def attach(loaded: LoadedModel, shard: Shard) -> nn.Module:
+    """The handshake, then the rank's model with its communication (every rank calls it).
+
+    Args:
+        loaded: This rank's loaded part.
+        shard: What ``rank_shard`` gave the loader.
+
+    Returns:
+        The model the runner drives.
+    """
+    group = link()
+    lm = causal_lm(loaded.model)[1]
+    dtype_code, hidden = 0, 0
+    if group.rank == 0:
+        dtype_code = _DTYPES.index(lm.cache_dtype())
+        hidden = lm.stack[lm.stack.names.norm].weight.shape[-1]
+    first, last, experts = _extent(shard)
+    mine = [first, last, experts, _weight_bytes(loaded.model), os.getpid(), dtype_code, hidden]
+    _REPORTS[:] = group.gather_ints(mine)
+    dtype, hidden = _DTYPES[_REPORTS[0][5]], _REPORTS[0][6]
+    if isinstance(shard, PipelineShard):
+        from moeserve.server.distributed.pipeline import PipelineModel
+
+        return PipelineModel(loaded.model, shard, group, dtype, hidden)
+    from moeserve.server.distributed.tensor import TensorModel
+
+    return TensorModel(loaded.model, group)
+
+
+def _extent(shard: Shard) -> tuple[int, int, int]:
+    """(first layer, one past the last, experts held per MoE layer; 0: all) of a shard."""
+    if isinstance(shard, PipelineShard):
+        return shard.start, shard.end, 0
+    return 0, 0, getattr(shard, "experts_held", 0)
+
+
+def summary(mode: str) -> str:
+    """The distributed part of the startup line: world size, mode, each rank's part.
+
+    Args:
+        mode: ``pipeline`` or ``tensor``.
+
+    Returns:
+        E.g. ``distributed pipeline over 2 ranks: rank 0 layers 0-11, 1.2 GiB (pid 7); ...``.
+    """
+    from moeserve.server.startup import format_bytes
+
+    parts = []
+    for rank, (first, last, experts, nbytes, pid, *_rest) in enumerate(_REPORTS):
+        held = (
+            f"layers {first}-{last - 1}"
+            if mode == "pipeline"
+            else (f"{experts} experts per MoE layer" if experts else "heads and columns")
+        )
+        parts.append(f"rank {rank} {held}, weights {format_bytes(nbytes)} (pid {pid})")
+    return f"distributed {mode} over {len(_REPORTS)} ranks: " + "; ".join(parts)
+
+
+def run_follower(settings: Settings) -> int:
+    """A rank other than 0: load its part, shake hands, replay steps; no port is opened.
+
+    Args:
+        settings: The server settings (model, dtype, distributed, kv_cache_bits).
+
+    Returns:
+        The exit status.
+    """
+    from moeserve.devtools.demo import demo_model_dir
+    from moeserve.server.distributed.engine import follow
+    from moeserve.server.engine.runner import Runner
+    from moeserve.server.startup import apply_compute_settings
+
+    group = link()
+    apply_compute_settings(settings)
+    shard = rank_shard(settings)
+    source = settings.model if settings.model is not None else demo_model_dir()
+    loaded = load(source, dtype=settings.resolved_dtype(), shard=shard)
+    model = attach(loaded, shard)
+    logger.info("rank %d: %s", group.rank, summary(settings.distributed or ""))
+    runner = Runner(model, kv_bits=settings.kv_cache_bits)
+    return follow(runner, group)

@@ -1,0 +1,189 @@
+"""The ranks' connection: MLX's distributed group, the step broadcast and the watchdog.
+
+``Link`` wraps the ``mlx.core.distributed`` group that ``mlx.launch`` set up (ring over TCP,
+or JACCL over Thunderbolt where present). Rank 0 broadcasts each step's message
+(``broadcast``): a length, then the bytes, each as an int32 ``all_sum`` to which the other
+ranks add zeros, so the collective every backend has carries it. Every collective runs under
+the ``Watchdog``: one that has not returned after ``timeout`` seconds (a rank died without
+closing its sockets, a cable was pulled) ends the process with a message naming this rank,
+since a collective cannot be interrupted. A peer that closed its sockets fails the
+collective at once (MLX raises); the caller turns that into the same exit.
+
+It also counts what crossed (``LinkStats``) for the benchmark. It knows bytes and arrays,
+not plans, models or HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+logger = logging.getLogger("moeserve.distributed")
+
+# How long a process that failed waits for clients to receive their error events.
+EXIT_GRACE_SECONDS = 2.0
+
+
+@dataclass
+class LinkStats:
+    """What the step broadcast and the pipeline hand-offs moved, for ``bench/distributed.py``."""
+
+    messages: int = 0  # step broadcasts
+    message_bytes: int = 0  # their payload bytes
+    activation_bytes: int = 0  # hidden states sent or received (pipeline)
+    seconds: float = 0.0  # wall time spent inside collectives on this rank
+
+
+class Watchdog:
+    """Exits the process when a collective outlives ``timeout`` seconds.
+
+    Args:
+        rank: This rank (named in the message).
+        timeout: Seconds a collective may take.
+        on_timeout: Called (from the watchdog thread) before the exit, with the message; rank 0
+            fails its streams there.
+    """
+
+    def __init__(self, rank: int, timeout: float, on_timeout: Callable[[str], None]) -> None:
+        self.rank = rank
+        self.timeout = timeout
+        self.on_timeout = on_timeout
+        self._since: float | None = None
+        self._what = ""
+        self._thread = threading.Thread(target=self._watch, name="moeserve-watchdog", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Time the collective run inside the block.
+
+        Args:
+            what: Named in the message if it times out.
+        """
+        self._what, self._since = what, time.monotonic()
+        try:
+            yield
+        finally:
+            self._since = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(0.5, self.timeout / 4))
+            since = self._since
+            if since is not None and time.monotonic() - since > self.timeout:
+                message = (
+                    f"rank {self.rank}: {self._what} did not complete within {self.timeout:g} s "
+                    "(a rank died or the network is down); exiting"
+                )
+                logger.error("%s", message)
+                try:
+                    self.on_timeout(message)
+                finally:
+                    time.sleep(EXIT_GRACE_SECONDS)
+                    os._exit(1)
+
+
+class Link:
+    """This rank's view of the distributed group.
+
+    Args:
+        group: The initialised MLX group.
+        timeout: Seconds any collective may take before the process exits.
+        on_timeout: Called before such an exit (rank 0 fails its streams).
+    """
+
+    def __init__(
+        self,
+        group: mx.distributed.Group,
+        timeout: float,
+        on_timeout: Callable[[str], None] | None = None,
+    ) -> None:
+        self.group = group
+        self.rank = group.rank()
+        self.size = group.size()
+        self.stats = LinkStats()
+        self.watchdog = Watchdog(self.rank, timeout, on_timeout or (lambda _m: None))
+
+    @contextmanager
+    def collective(self, what: str) -> Iterator[None]:
+        """Guard and time one collective (or a pipeline hand-off).
+
+        Args:
+            what: Named if it times out.
+        """
+        start = time.perf_counter()
+        with self.watchdog.guard(what):
+            yield
+        self.stats.seconds += time.perf_counter() - start
+
+    def broadcast(self, payload: bytes | None) -> bytes:
+        """Send rank 0's bytes to every rank; every rank calls this in the same order.
+
+        Args:
+            payload: Rank 0's message; ignored elsewhere.
+
+        Returns:
+            The message.
+        """
+        with self.collective("the step broadcast"):
+            mine = payload if self.rank == 0 and payload is not None else b""
+            size = mx.distributed.all_sum(mx.array([len(mine)], mx.int32), group=self.group)
+            length = int(size.item())
+            words = np.zeros((length + 3) // 4, np.int32)
+            if self.rank == 0:
+                words.view(np.uint8)[:length] = np.frombuffer(mine, np.uint8)
+            data = mx.distributed.all_sum(mx.array(words), group=self.group)
+            mx.eval(data)
+            out = np.array(data).view(np.uint8)[:length].tobytes()
+        self.stats.messages += 1
+        self.stats.message_bytes += length
+        return out
+
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's list of ints (of one length), by rank: the startup handshake.
+
+        Args:
+            values: This rank's values (int64).
+
+        Returns:
+            ``size`` lists.
+        """
+        with self.collective("the startup handshake"):
+            row = mx.array(values, dtype=mx.int64)[None]
+            out = mx.distributed.all_gather(row, group=self.group)
+            mx.eval(out)
+        return out.tolist()
+
+
+def init_group(backend: str = "any") -> mx.distributed.Group:
+    """The group ``mlx.launch`` prepared for this process.
+
+    Args:
+        backend: ``any`` (MLX picks: JACCL, ring, MPI) or one of them by name.
+
+    Returns:
+        The group.
+
+    Raises:
+        RuntimeError: Not started by ``mlx.launch`` (no group, or a group of one).
+    """
+    try:
+        group = mx.distributed.init(strict=True, backend=backend)
+    except (RuntimeError, ValueError) as e:
+        raise RuntimeError(
+            f"--distributed needs the ranks started by mlx.launch ({e}); e.g. "
+            "`mlx.launch -n 2 --backend ring -- moeserve serve --distributed pipeline ...`"
+        ) from e
+    if group.size() < 2:
+        raise RuntimeError(
+            "--distributed needs at least 2 ranks; start them with `mlx.launch -n 2 ...`"
+        )
+    return group
