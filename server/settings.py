@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(
         512, ge=1, description="longest prompt slice prefilled for one sequence in one step"
     )
+    prefill_step_ratio: float = Field(
+        2.0,
+        description="while streams decode, a step carrying prefill may take this multiple of "
+        "the decodes alone (predicted from measured steps); 0: token budget only",
+    )
     max_model_len: int | None = Field(
         None,
         ge=1,
@@ -280,6 +285,14 @@ class Settings(BaseSettings):
             raise ValueError(f"must be 8 or 4, got {value}")
         return value
 
+    @field_validator("prefill_step_ratio")
+    @classmethod
+    def _check_step_ratio(cls, value: float) -> float:
+        """0 turns the time limit off; below 1 a step could never hold its own decodes."""
+        if value != 0 and not value >= 1.0:
+            raise ValueError(f"must be 0 (off) or at least 1, got {value}")
+        return value
+
     @field_validator("model_aliases", "api_keys", "admin_api_keys", "cors_origins")
     @classmethod
     def _check_items(cls, values: list[str]) -> list[str]:
@@ -367,6 +380,7 @@ class Settings(BaseSettings):
             max_waiting=self.max_waiting,
             prefill_chunk=self.prefill_chunk,
             max_model_len=self.max_model_len or model_max_len,
+            prefill_step_ratio=self.prefill_step_ratio,
         )
 
 

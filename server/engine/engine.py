@@ -36,6 +36,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -290,7 +291,9 @@ class Engine:
     def step(self) -> None:
         """One step: schedule, run the model and sample, turn tokens into events, collect."""
         plan = self.scheduler.schedule()
+        start = time.perf_counter()
         result = self.runner.step(plan)
+        self.scheduler.observe(plan, time.perf_counter() - start)  # learns what steps cost
         changed = self.scheduler.update(plan, result.tokens())
         self.output.process(changed, result.samples)
         self._collect(plan.released)

@@ -12,7 +12,12 @@ One step, in order (`Scheduler.schedule`):
    their count alone exceeds `max_batched_tokens`: the budget limits prefill, never decodes,
    so a long prompt delays running streams by at most one chunk per step.
 3. Partly prefilled sequences continue, first come first served, each with a chunk of
-   `min(prefill_chunk, remaining_prefill, budget_left)` tokens.
+   `min(prefill_chunk, remaining_prefill, budget_left)` tokens. While some sequence decodes,
+   prefill is also limited by time: the step may take `prefill_step_ratio` times as long as
+   its decodes alone would, as predicted by a cost model learned from measured steps
+   (`server.engine.step_cost`; the engine reports each step through `observe`). The first
+   chunk of a step gets at least `MIN_TIMED_CHUNK` tokens, so prompts always progress. With
+   nothing decoding, prefill takes the whole token budget: no stream waits on it.
 4. Waiting requests are admitted FCFS while slots (`max_running`) and budget remain. A request
    with `n > 1` is admitted as a whole group or not at all; the queue head is never skipped,
    so a large group cannot be starved by smaller requests behind it.
@@ -42,6 +47,9 @@ from dataclasses import dataclass, field, fields
 
 from moeserve.models.cache import CacheLayout
 from moeserve.server.engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
+from moeserve.server.engine.step_cost import StepCostModel, StepShape
+
+MIN_TIMED_CHUNK = 16  # tokens a step's first chunk gets whatever the time budget says
 
 
 @dataclass(slots=True)
@@ -55,9 +63,21 @@ class SchedulerConfig:
     max_waiting: int = 256  # queued sequences beyond which add() refuses (HTTP 429)
     prefill_chunk: int = 512  # longest prompt slice computed for one sequence in one step
     max_model_len: int = 4096  # prompt + max_tokens limit of one sequence
+    # A step carrying prefill beside decodes may take this multiple of the decodes alone
+    # (predicted); 0 turns the time limit off (the token budget alone, as before issue 18).
+    prefill_step_ratio: float = 2.0
 
     def __post_init__(self) -> None:
+        ratio = self.prefill_step_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise ValueError(f"SchedulerConfig.prefill_step_ratio must be a number, got {ratio!r}")
+        if ratio != 0 and not ratio >= 1.0:
+            raise ValueError(
+                f"SchedulerConfig.prefill_step_ratio must be 0 (off) or >= 1, got {ratio!r}"
+            )
         for f in fields(self):
+            if f.name == "prefill_step_ratio":
+                continue
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SchedulerConfig.{f.name} must be a positive int, got {value!r}")
@@ -135,6 +155,7 @@ class StepPlan:
     decodes: list[Sequence] = field(default_factory=list)
     released: list[Sequence] = field(default_factory=list)  # left the scheduler; free their state
     preempted: list[Sequence] = field(default_factory=list)  # back in the queue; free their state
+    shape: StepShape = field(default_factory=StepShape)  # the work, for the step cost model
 
     @property
     def num_batched_tokens(self) -> int:
@@ -159,6 +180,8 @@ class Scheduler:
         self._requests: dict[str, list[Sequence]] = {}  # request id -> its sequences
         self._in_flight = False  # a plan was scheduled and update() has not been called yet
         self._bytes = 0  # KV bytes counted for the step being planned
+        self.cost = StepCostModel()  # learns step seconds from observe()
+        self._time_left: float | None = None  # prefill seconds left in the step being planned
 
     @property
     def num_waiting(self) -> int:
@@ -296,10 +319,11 @@ class Scheduler:
         self._bytes = self._fit_decodes(plan)
         plan.decodes = [s for s in self._running if s.status is SequenceStatus.DECODING]
         budget = self.config.max_batched_tokens - len(plan.decodes)
+        self._time_left = self._prefill_seconds(plan.decodes)
         for seq in self._running:
             if seq.status is SequenceStatus.PREFILLING and budget > 0:
                 budget -= self._chunk(plan, seq, budget)
-        while self._waiting and budget > 0 and not plan.preempted:
+        while self._waiting and budget > 0 and not plan.preempted and self._has_time(plan):
             group = self._waiting[0]
             if len(self._running) + len(group) > self.config.max_running:
                 break  # strict FCFS: the head waits for slots rather than being overtaken
@@ -312,7 +336,45 @@ class Scheduler:
                 if budget > 0:  # members left without budget continue next step (rule 3)
                     budget -= self._chunk(plan, seq, budget)
         self._in_flight = bool(plan.prefills or plan.decodes)
+        plan.shape = StepShape(
+            len(plan.decodes),
+            sum(s.num_computed + 1 for s in plan.decodes),
+            sum(c.end - c.start for c in plan.prefills),
+            sum((c.end - c.start) * c.end for c in plan.prefills),
+        )
         return plan
+
+    def observe(self, plan: StepPlan, seconds: float) -> None:
+        """Learn from a measured step (the engine times the runner on every plan).
+
+        Args:
+            plan: A plan this scheduler returned.
+            seconds: How long the runner took for it.
+        """
+        self.cost.observe(plan.shape, seconds)
+
+    def _prefill_seconds(self, decodes: list[Sequence]) -> float | None:
+        """Prefill time this step may add beside ``decodes``; None: no time limit."""
+        ratio = self.config.prefill_step_ratio
+        if not decodes or not ratio or not self.cost.knows_prefill:
+            return None
+        alone = self.cost.predict(StepShape(len(decodes), sum(s.num_computed + 1 for s in decodes)))
+        return (ratio - 1.0) * max(alone or 0.0, 0.0)
+
+    def _has_time(self, plan: StepPlan) -> bool:
+        """Whether the step can still take a chunk (always, before its first one)."""
+        return self._time_left is None or self._time_left > 0.0 or not plan.prefills
+
+    def _timed_size(self, plan: StepPlan, seq: Sequence, size: int) -> int:
+        """Shorten a chunk of ``size`` tokens to the step's time left, and spend that time."""
+        if self._time_left is None:
+            return size
+        fits = self.cost.prefill_within(self._time_left, seq.num_computed, size)
+        if not plan.prefills:
+            fits = max(fits, min(MIN_TIMED_CHUNK, size))
+        d, e = self.cost.coef[3], self.cost.coef[4] / 1024.0
+        self._time_left -= d * fits + e * fits * (seq.num_computed + fits)
+        return fits
 
     def _held(self, seq: Sequence) -> int:
         """Bytes a running sequence holds now."""
@@ -357,6 +419,9 @@ class Scheduler:
         Returns the chunk's length (0: nothing fits this step).
         """
         size = min(self.config.prefill_chunk, seq.remaining_prefill, budget)
+        size = self._timed_size(plan, seq, size)
+        if size == 0:
+            return 0
         if self.budget is not None:
             held = self._held(seq)
             left = self.budget.max_bytes - self._bytes

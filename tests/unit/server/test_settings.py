@@ -238,6 +238,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "max_waiting": [0],
     "max_batched_tokens": [0],
     "prefill_chunk": [0, -5, 1.5],
+    "prefill_step_ratio": [0.5, -1, "fast"],
     "max_model_len": [0],
     "default_max_tokens": [0],
     "max_n": [0],
@@ -335,4 +336,6 @@ def test_scheduler_config() -> None:
     assert (config.max_running, config.max_waiting) == (3, 5)
     assert (config.max_batched_tokens, config.prefill_chunk) == (64, 16)
     assert config.max_model_len == 100
+    assert config.prefill_step_ratio == 2.0
+    assert Settings(prefill_step_ratio=0).scheduler_config(100).prefill_step_ratio == 0
     assert Settings(max_model_len=50).scheduler_config(100).max_model_len == 50
