@@ -160,6 +160,7 @@ class Engine:
         """Start the engine thread."""
         self._thread = threading.Thread(target=self._run, name="moeserve-engine", daemon=True)
         self._thread.start()
+        self.grammar.prebuild()  # the llguidance tokenizer takes seconds at 150k tokens
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread after its current step.

@@ -161,6 +161,13 @@ def test_allowed_mask_matches_the_grammar_and_pads_the_vocabulary(demo) -> None:
     assert opened.sum() > V // 2 and not opened[sorted(demo[1].special_token_ids)].any()
 
 
+def test_prebuild_builds_the_tokenizer_off_the_request_path(demo) -> None:
+    compiler = GrammarCompiler(demo[1])
+    compiler.prebuild().join(timeout=60)
+    built = compiler._ll_tokenizer
+    assert built is not None and compiler.ll_tokenizer is built  # built once, then reused
+
+
 def test_a_native_mask_failure_fails_only_its_row(demo, monkeypatch) -> None:
     compiler = GrammarCompiler(demo[1])
     good, bad = (compiler.matcher(compiler.json_object()) for _ in range(2))
