@@ -366,6 +366,7 @@ def build_runtime(settings: Settings) -> Runtime:
             DistributedEngine,
             link=distributed.link(),
             heartbeat=settings.distributed_timeout_seconds / 4,
+            prefix_reuse=distributed.prefix_reuse_safe(settings.distributed),
         )
     engine = engine_class(
         served.loaded.model,

@@ -88,10 +88,13 @@ class DistributedEngine(Engine):
         *args: As ``Engine``.
         link: The group.
         heartbeat: Idle seconds between pings.
+        prefix_reuse: Resume prompt-cache hits (``launch.prefix_reuse_safe``); else recompute.
         **kwargs: As ``Engine`` (``runner`` is made here).
     """
 
-    def __init__(self, *args: Any, link: Link, heartbeat: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, link: Link, heartbeat: float, prefix_reuse: bool = True, **kwargs: Any
+    ) -> None:
         model = args[0]
         runner = RecordingRunner(
             model,
@@ -101,6 +104,7 @@ class DistributedEngine(Engine):
         super().__init__(*args, runner=runner, **kwargs)
         self.link = link
         self.heartbeat = heartbeat
+        self.prefix_reuse = prefix_reuse
         link.watchdog.on_timeout = self._timed_out
 
     def step(self) -> None:
@@ -108,6 +112,7 @@ class DistributedEngine(Engine):
         plan = self.scheduler.schedule()
         runner: RecordingRunner = self.runner  # type: ignore[assignment]
         self.link.broadcast(Message(STEP, StepWork.from_plan(plan), runner.take_ops()).encode())
+        self.link.stats.steps += 1
         result = self.runner.step(plan)
         changed = self.scheduler.update(plan, result.tokens())
         self.output.process(changed, result.samples)
@@ -126,6 +131,8 @@ class DistributedEngine(Engine):
         super()._drain_inbox(block=False)
 
     def _lookup(self, request: GenerationRequest) -> Hit | None:
+        if not self.prefix_reuse:
+            return None
         hit = super()._lookup(request)
         if hit is not None and getattr(hit.entry.kv, "dist_key", None) is None:
             self._release(hit)  # an entry the other ranks never saw: recompute instead
@@ -139,6 +146,7 @@ class DistributedEngine(Engine):
                 self.link.broadcast(Message(STOP).encode())
             except Exception:
                 logger.exception("rank 0: could not tell the other ranks to stop")
+            logger.info("%s", self.link.stats.describe(0))
             return
         message = f"rank 0: the distributed engine failed ({self.error}); exiting"
         logger.error("%s", message)
@@ -189,6 +197,7 @@ def follow(runner: Runner, link: Link) -> int:
             return 1
         if message.kind == STOP:
             logger.info("rank %d: rank 0 stopped; exiting", link.rank)
+            logger.info("%s", link.stats.describe(link.rank))
             return 0
         for op in message.ops:
             if op[0] == "snap":
@@ -203,6 +212,7 @@ def follow(runner: Runner, link: Link) -> int:
             try:
                 outputs, _ = runner.forward(message.work)
                 mx.eval(outputs)
+                link.stats.steps += 1
             except RuntimeError as e:
                 logger.error("rank %d: a step failed (%s); exiting", link.rank, e)
                 return 1

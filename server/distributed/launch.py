@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from moeserve.models.cache import CacheLayout
 from moeserve.models.loader import LoadedModel, load
 from moeserve.models.shard import PipelineShard, Shard, causal_lm
 from moeserve.server.distributed.link import Link, init_group
@@ -109,7 +110,9 @@ def attach(loaded: LoadedModel, shard: Shard) -> nn.Module:
         dtype_code = _DTYPES.index(lm.cache_dtype())
         hidden = lm.stack[lm.stack.names.norm].weight.shape[-1]
     first, last, experts = _extent(shard)
+    recurrent = int(bool(CacheLayout(lm.cache_kinds(), 4).recurrent))
     mine = [first, last, experts, _weight_bytes(loaded.model), os.getpid(), dtype_code, hidden]
+    mine.append(recurrent)
     _REPORTS[:] = group.gather_ints(mine)
     dtype, hidden = _DTYPES[_REPORTS[0][5]], _REPORTS[0][6]
     if isinstance(shard, PipelineShard):
@@ -118,7 +121,23 @@ def attach(loaded: LoadedModel, shard: Shard) -> nn.Module:
         return PipelineModel(loaded.model, shard, group, dtype, hidden)
     from moeserve.server.distributed.tensor import TensorModel
 
-    return TensorModel(loaded.model, group)
+    return TensorModel(loaded.model, shard, group)
+
+
+def prefix_reuse_safe(mode: str) -> bool:
+    """Whether every rank can resume a prompt-cache entry at the length rank 0 chooses.
+
+    Rank 0 picks the reusable length from its own layers; in pipeline mode another rank's
+    recurrent layers (exact only at the turn boundaries they saved) might not resume there,
+    so a model with recurrent layers recomputes instead. Tensor ranks hold the same kinds.
+
+    Args:
+        mode: ``pipeline`` or ``tensor``.
+
+    Returns:
+        True when hits may be reused.
+    """
+    return mode == "tensor" or not any(report[7] for report in _REPORTS)
 
 
 def _extent(shard: Shard) -> tuple[int, int, int]:

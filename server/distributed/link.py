@@ -40,6 +40,24 @@ class LinkStats:
     message_bytes: int = 0  # their payload bytes
     activation_bytes: int = 0  # hidden states sent or received (pipeline)
     seconds: float = 0.0  # wall time spent inside collectives on this rank
+    steps: int = 0  # steps run (rank 0: broadcast; others: replayed)
+
+    def describe(self, rank: int) -> str:
+        """One log line with the totals and the per-step means.
+
+        Args:
+            rank: This rank.
+
+        Returns:
+            The line.
+        """
+        per = max(self.steps, 1)
+        return (
+            f"rank {rank} communication: {self.steps} steps, {self.messages} broadcasts "
+            f"({self.message_bytes} bytes), {self.activation_bytes} activation bytes, "
+            f"{self.seconds:.3f} s in collectives; per step {self.message_bytes / per:.0f} + "
+            f"{self.activation_bytes / per:.0f} bytes, {1000 * self.seconds / per:.2f} ms"
+        )
 
 
 class Watchdog:
