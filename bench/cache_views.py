@@ -1,14 +1,16 @@
-"""What the paged cache adds to a decode step: building the views, writing, gathering.
+"""What the paged cache adds to a decode step: building the views, writing, reading.
 
 A decode step through ``models/cache`` does three things a contiguous per-row cache did not:
-``StepCache(store, ids, 1)`` builds write and gather indices and the padding mask on the
-host (NumPy, then ``mx.array``); every layer scatters its new keys and values into the pool
-(``CacheStore.write``); every layer gathers each row's keys and values out of the pool into
-fresh ``[B, K, S, D]`` arrays for attention (``CacheStore.read_heads``). This times, on the
-bench model at batch B and context ~300 (``step_profile.decode_step``'s rows), interleaved
-rounds, medians:
+``StepCache(store, ids, 1)`` builds write indices, block tables and the mask on the host
+(NumPy, then ``mx.array``); every layer scatters its new keys and values into the pool
+(``CacheStore.write``); every layer's attention reads each row's keys and values out of the
+pool: in place through the block tables (``PagedKV``, on the CPU backend), or gathered into
+fresh ``[B, K, S, D]`` arrays first (``CacheStore.read_heads``, as every pass did before
+the paged attention). This times, on the bench model at batch B and context ~300
+(``step_profile.decode_step``'s rows), interleaved rounds, medians:
 
-* ``full``: the engine's decode step;
+* ``full``: the engine's decode step (the pool read in place where the backend can);
+* ``gathered``: the same step with attention reading a gathered copy instead;
 * ``contiguous``: the same step with every layer's ``update_and_fetch`` returning
   keys and values already laid out ``[B, K, S, D]`` and evaluated (gathered once, before
   timing): what attention costs reading a contiguous cache; the difference from ``full`` is
@@ -19,7 +21,8 @@ rounds, medians:
 * ``gather``: one layer's gather of keys and values alone (``read_heads``), evaluated;
   times the number of layers gives the step's share.
 
-It patches ``LayerView.update_and_fetch`` for the three variants and restores it; it knows
+It patches ``LayerView.update_and_fetch`` and ``update_and_page`` for the variants and
+restores them; it knows
 ``CacheStore.write`` / ``read_heads`` and ``StepCache.groups``, not how they index the pools.
 (Its first version, run on commit 57ff21f, gathered ``pool[gather]`` and transposed, as the
 views did then; bench/RESULTS.md section 10 has both.)
@@ -43,6 +46,7 @@ from moeserve.models.cache import LayerView, StepCache
 from moeserve.models.loader import load_model
 
 _UPDATE = LayerView.update_and_fetch
+_PAGE = LayerView.update_and_page
 
 
 def _timed(fn: Callable[[], object], steps: int) -> float:
@@ -96,13 +100,15 @@ def profile(model, rows: int, rounds: int, steps: int = 10) -> dict[str, float]:
         mx.eval(mx.argmax(model(tokens, cache=current[0])[:, -1, :], axis=-1))
         rewind()
 
-    def patched(update: Callable) -> Callable[[], None]:
+    def patched(update: Callable, page: Callable | None = None) -> Callable[[], None]:
         def run() -> None:
             LayerView.update_and_fetch = update
+            LayerView.update_and_page = page or update
             try:
                 step()
             finally:
                 LayerView.update_and_fetch = _UPDATE
+                LayerView.update_and_page = _PAGE
 
         return run
 
@@ -117,6 +123,7 @@ def profile(model, rows: int, rounds: int, steps: int = 10) -> dict[str, float]:
 
     variants = {
         "full": step,
+        "gathered": patched(_UPDATE, lambda self, k, v: self.update_and_fetch(k, v)),
         "contiguous": patched(contiguous_update),
         "write only": patched(write_only),
         "gather only": patched(gather_only),
@@ -146,7 +153,9 @@ def main() -> None:
         print(f"\nDecode step, batch {rows}, context ~300: {full:.1f} ms\n")
         print("| part | ms | share of the step |\n|---|---|---|")
         parts = {
-            "scatter + gather (full - contiguous)": full - ms["contiguous"],
+            "step reading a gathered copy": ms["gathered"],
+            "scatter + read in place (full - contiguous)": full - ms["contiguous"],
+            "scatter + gather (gathered - contiguous)": ms["gathered"] - ms["contiguous"],
             "scatter (write only - contiguous)": ms["write only"] - ms["contiguous"],
             "gather, as attention reads it (gather only - contiguous)": ms["gather only"]
             - ms["contiguous"],

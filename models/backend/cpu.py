@@ -31,6 +31,7 @@ from typing import Any
 import mlx.core as mx
 
 from moeserve.models.backend import blas, cpu_attention, experts, fastmath
+from moeserve.models.backend.paged import PagedKV
 from moeserve.models.backend.plain import Backend
 from moeserve.models.backend.rope import RopeSchedule, RopeTables
 
@@ -38,6 +39,11 @@ from moeserve.models.backend.rope import RopeSchedule, RopeTables
 # MLX runs one or two, and at this size dispatch, not arithmetic, is the cost (measured
 # crossover 2-4k elements on the bench machine).
 MIN_ELEMENTS = 4096
+
+
+def _boolean(mask: Any) -> bool:
+    """Whether ``mask`` is a boolean array (not a string, not an additive bias)."""
+    return isinstance(mask, mx.array) and mask.dtype == mx.bool_
 
 
 @dataclass
@@ -80,6 +86,13 @@ class CpuBackend(Backend):
     ) -> mx.array:
         """Same contract as ``Backend.sdpa``; decode steps and causal chunks are done here."""
         B, H, L, _ = q.shape
+        if isinstance(k, PagedKV):
+            # Decode over the pool in place; anything else (sinks, several queries, an
+            # additive mask) reads a gathered copy, as the plain backend does.
+            if sinks is None and L == 1 and (mask is None or _boolean(mask)):
+                fast = self._worthwhile(B * H * k.shape[2])
+                return cpu_attention.paged_decode(q, k, v, scale=scale, mask=mask, fast=fast)
+            k, v = k.gather(), v.gather()
         if sinks is None and self._worthwhile(B * H * L * k.shape[2]):
             if L > 1 and isinstance(mask, str) and mask == "causal":
                 return cpu_attention.causal_blocks(
@@ -87,7 +100,7 @@ class CpuBackend(Backend):
                 )
             # Other masks with several queries (not used by moeserve's engine), and additive
             # masks, go to MLX.
-            if L == 1 and (not isinstance(mask, mx.array) or mask.dtype == mx.bool_):
+            if L == 1 and (not isinstance(mask, mx.array) or _boolean(mask)):
                 return cpu_attention.decode(q, k, v, scale=scale, mask=mask)
         return super().sdpa(q, k, v, scale=scale, mask=mask, sinks=sinks)
 

@@ -8,7 +8,10 @@ one matmul:
 * ``decode``: one query per row (decode steps): ``Q K^T``, a softmax masked by the boolean
   mask (left padding), ``P V``;
 * ``causal_blocks``: a causal prefill chunk, which never scores the keys a block of queries
-  cannot see and keeps each block's scores in cache.
+  cannot see and keeps each block's scores in cache;
+* ``paged_decode``: ``decode`` over keys and values left in the cache's block pool
+  (``paged.PagedKV``), one small product per block and head (``mx.gather_mm``), so the
+  cache is read where it lies instead of gathered into a copy first.
 
 This module knows the arithmetic only; when it is worth using (device, setting, sizes, mask
 kinds) is the CPU backend's decision (``models/backend/cpu.py``).
@@ -24,6 +27,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from moeserve.models.backend import fastmath
+from moeserve.models.backend.paged import PagedKV
 
 # Scores of one query block, all heads together: about 1 MB of float32, so that the block's
 # passes (scores, max, exp, sum, P V) stay in a core's L2 cache. Measured on the bench
@@ -59,6 +63,53 @@ def decode(
             keep = keep.reshape(mask.shape[0], K, G, S)
     probs = fastmath.softmax(scores, axis=-1, keep=keep).astype(v.dtype)
     return (probs @ v).reshape(B, H, 1, v.shape[-1])  # [B, K, G, E] -> [B, H, 1, E]
+
+
+def paged_decode(
+    q: mx.array, k: PagedKV, v: PagedKV, *, scale: float, mask: mx.array | None, fast: bool
+) -> mx.array:
+    """``decode`` with the keys and values read in place from the block pool.
+
+    Each row's scores are one ``[G, D] x [D, block]`` product per block and KV head, taken
+    straight from the pool by ``mx.gather_mm``; the softmax runs over the row's blocks laid
+    side by side (``[B, K, G, N × block]``, small: no D); the values are one
+    ``[G, block] x [block, E]`` product per block, summed over the blocks. Nothing of size
+    ``S × D`` is copied.
+
+    Args:
+        q: Queries ``[B, H, 1, D]``.
+        k: Keys in the pool (``K`` heads, ``N`` blocks per row).
+        v: Values in the pool, with the same blocks.
+        scale: Multiplier of the scores.
+        mask: None, or a boolean array broadcastable to ``[B, H, 1, N × block]``.
+        fast: Whether the softmax runs through ``fastmath`` (else MLX's own ops).
+
+    Returns:
+        ``[B, H, 1, E]``.
+    """
+    B, H, _, D = q.shape
+    _, K, S, _ = k.shape
+    G, N, block = H // K, k.blocks.shape[1], k.block
+    pages = k.pages()  # [B, K, N]
+    rows = mx.broadcast_to(mx.arange(B * K, dtype=mx.uint32).reshape(B, K, 1), pages.shape)
+    qg = (q * scale).reshape(B * K, G, D)
+    scores = mx.gather_mm(qg, k.matrices().swapaxes(-1, -2), rows, pages)  # [B, K, N, G, blk]
+    scores = scores.transpose(0, 1, 3, 2, 4).reshape(B, K, G, S)
+    keep = None
+    if mask is not None:
+        keep = mask.reshape(mask.shape[0], -1, 1, S)  # [B, 1 or H, 1, S]
+        if keep.shape[1] == H:
+            keep = keep.reshape(mask.shape[0], K, G, S)
+    if fast:
+        probs = fastmath.softmax(scores, axis=-1, keep=keep)
+    else:
+        masked = scores if keep is None else mx.where(keep, scores, -mx.inf)
+        probs = mx.softmax(masked.astype(mx.float32), axis=-1)
+    probs = probs.astype(v.dtype).reshape(B, K, G, N, block)
+    probs = probs.transpose(0, 1, 3, 2, 4)  # [B, K, N, G, block]
+    each = mx.arange(B * K * N, dtype=mx.uint32).reshape(B, K, N)
+    out = mx.gather_mm(probs.reshape(-1, G, block), v.matrices(), each, pages)  # [B,K,N,G,E]
+    return out.sum(axis=2).reshape(B, H, 1, -1)
 
 
 def causal_blocks(

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from moeserve.models.backend import experts
+from moeserve.models.backend.paged import PagedKV
 from moeserve.models.backend.rope import RopeSchedule
 
 
@@ -41,8 +42,9 @@ class Backend:
 
         Args:
             q: Queries ``[B, H, L, D]``.
-            k: Keys ``[B, K, S, D]`` (H % K == 0).
-            v: Values ``[B, K, S, D]``.
+            k: Keys ``[B, K, S, D]`` (H % K == 0), or left in the cache's pool (``PagedKV``:
+                gathered here; MLX's kernels read contiguous arrays).
+            v: Values ``[B, K, S, D]`` (or ``PagedKV``, as ``k``).
             scale: Multiplier of the scores (usually ``D ** -0.5``).
             mask: None, ``"causal"`` (bottom-right aligned: query i sees keys
                 ``<= S - L + i``), or a boolean array broadcastable to ``[B, H or 1, L, S]``
@@ -52,6 +54,8 @@ class Backend:
         Returns:
             ``[B, H, L, D]``.
         """
+        if isinstance(k, PagedKV):
+            k, v = k.gather(), v.gather()
         if sinks is not None:
             return mx.fast.scaled_dot_product_attention(
                 q, k, v, scale=scale, mask=mask, sinks=sinks.astype(q.dtype)

@@ -1,7 +1,12 @@
 """Storage that grows and shrinks with what it holds: units (blocks or rows) and a free list.
 
-A ``Pool`` owns, for each of its layers, arrays whose leading axis is ``capacity × unit``
-(``unit`` = positions per block for positional layers, 1 for recurrent rows). Ids are handed
+A ``Pool`` owns, for each of its layers, arrays holding ``capacity`` units (``unit`` =
+positions per block for positional layers, 1 for recurrent rows). A unit of one position
+(recurrent rows) is a leading index: ``[capacity, *shape]``. A block of positions is stored
+head-major, as attention reads it: a per-position shape ``[H, D]`` is kept as a 2-D array
+``[capacity × H × unit, D]`` whose rows run block, then head, then position in the block
+(``rows``), so each head's ``unit`` keys of a block are one contiguous ``[unit, D]`` matrix
+that a paged attention can multiply in place (``models.backend.paged``). Ids are handed
 out from a free list, so a row joins or leaves by taking or returning its own ids: nothing
 else is copied. Capacity follows use: it grows by an eighth (copying once, amortised) when an
 allocation does not fit, and ``compact`` shrinks it when less than four fifths is in use,
@@ -49,6 +54,31 @@ class Pool:
         )
 
     @property
+    def blocked(self) -> bool:
+        """Whether units are blocks of positions, stored head-major (else one leading index)."""
+        return self.unit > 1
+
+    def rows(self, lead: int, slots: mx.array) -> mx.array:
+        """Rows of a blocked ``[capacity × lead × unit, D]`` array holding ``slots``.
+
+        Args:
+            lead: The tensor's ``H`` (the product of its per-position shape but the last).
+            slots: Positions in the pool (``id × unit + offset``), any shape ``I``, int32.
+
+        Returns:
+            int32 ``[*I, lead]``: row of head h of each slot.
+        """
+        block, offset = slots // self.unit, slots % self.unit
+        heads = mx.arange(lead, dtype=mx.int32) * self.unit
+        return (block * (lead * self.unit) + offset)[..., None] + heads
+
+    def stored_shape(self, shape: tuple[int, ...], units: int) -> tuple[int, ...]:
+        """The stored shape of ``units`` units of a tensor with per-position ``shape``."""
+        if not self.blocked:
+            return (units, *shape)
+        return (units * self.unit * math.prod(shape[:-1]), shape[-1])
+
+    @property
     def used(self) -> int:
         """Ids handed out."""
         return self.capacity - len(self.free)
@@ -83,19 +113,21 @@ class Pool:
         self.free.sort(reverse=True)
 
     def wasteful(self) -> bool:
-        """Whether less than four fifths of the capacity is in use (then ``compact``).
+        """Whether more than an eighth (plus two units) of the capacity is idle (then ``compact``).
 
-        The two spare units that spare small pools from compacting back and forth do not
-        apply to an idle pool: once its last row leaves, it holds nothing.
+        An eighth, because the memory held is to follow the tokens held within a quarter,
+        and each row's part-filled last block already costs some of that. The two spare
+        units spare small pools from compacting back and forth; they do not apply to an idle
+        pool: once its last row leaves, it holds nothing.
         """
         if self.used == 0:
             return self.capacity > 0
-        return self.capacity > self.used + self.used // 4 + 2
+        return self.capacity > self.used + self.used // 8 + 2
 
     def compact(self, live: list[int]) -> dict[int, int]:
-        """Shrink to fit ``live`` (every id in use) plus an eighth; renumber them 0..n-1.
+        """Shrink to fit ``live`` (every id in use) plus a sixteenth; renumber them 0..n-1.
 
-        Costs a copy of what is live, so it runs only when a quarter of the capacity is
+        Costs a copy of what is live, so it runs only when an eighth of the capacity is
         idle: amortised over the rows whose leaving freed it.
 
         Args:
@@ -104,31 +136,39 @@ class Pool:
         Returns:
             Old id -> new id.
         """
-        capacity = len(live) + len(live) // 8 + (1 if live else 0)
+        capacity = len(live) + len(live) // 16 + (1 if live else 0)
         if not live:
-            self._set(capacity, lambda a: None)
+            self._set(capacity, lambda a, rows: None)
         else:
-            idx = mx.array(live, dtype=mx.int32)
-            if self.unit > 1:
-                idx = (idx[:, None] * self.unit + mx.arange(self.unit)[None]).reshape(-1)
-            self._set(capacity, lambda a: a[idx])
+            ids = mx.array(live, dtype=mx.int32)
+
+            def keep(a: mx.array, rows: int) -> mx.array:  # rows: stored rows per unit
+                idx = ids if rows == 1 else (ids[:, None] * rows + mx.arange(rows)).reshape(-1)
+                return a[idx]
+
+            self._set(capacity, keep)
         self.free = list(range(capacity - 1, len(live) - 1, -1))
         return {old: new for new, old in enumerate(live)}
 
     def _grow(self, capacity: int) -> None:
         """Extend the arrays to ``capacity`` units; every id stays where it is."""
         self.free = list(range(capacity - 1, self.capacity - 1, -1)) + self.free
-        self._set(capacity, lambda a: a)
+        self._set(capacity, lambda a, rows: a)
 
     def _set(self, capacity: int, keep) -> None:
-        """Arrays of ``capacity`` units starting with ``keep(old array)`` (None: nothing)."""
+        """Arrays of ``capacity`` units starting with ``keep(old array, rows per unit)``.
+
+        ``keep`` may return None (nothing kept).
+        """
         for layer, shapes in self.shapes.items():
             old = self.arrays[layer] or [None] * len(shapes)
             fresh = []
             for a, shape, dtype in zip(old, shapes, self.dtypes[layer]):
-                head = keep(a) if a is not None else None
+                per_unit = self.stored_shape(shape, 1)[0]
+                head = keep(a, per_unit) if a is not None else None
                 used = 0 if head is None else head.shape[0]
-                tail = mx.zeros((capacity * self.unit - used, *shape), dtype)
+                full = self.stored_shape(shape, capacity)
+                tail = mx.zeros((full[0] - used, *full[1:]), dtype)
                 fresh.append(tail if head is None else mx.concatenate([head, tail]))
             self.arrays[layer] = fresh if capacity else []
         mx.eval([a for arrays in self.arrays.values() for a in arrays])

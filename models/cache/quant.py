@@ -81,7 +81,7 @@ class KVQuant:
 
         Args:
             arrays: The three stored arrays of one tensor.
-            index: Pool indices ``[N]``.
+            index: Rows of the stored arrays ``[N, H]`` (``Pool.rows``).
             values: The new positions.
         """
         parts = mx.quantize(values, group_size=self.group_size, bits=self.bits)
@@ -107,11 +107,11 @@ class KVQuant:
 
         Args:
             arrays: The three stored arrays of one tensor.
-            index: Pool indices, any shape ``I``.
+            index: Rows of the stored arrays, any shape ``I`` (``Pool.rows``).
             dtype: The result's dtype.
 
         Returns:
-            ``[*I, H, D]``.
+            ``[*I, D]``.
         """
         words, scales, biases = (a[index] for a in arrays)
         out = mx.dequantize(words, scales, biases, group_size=self.group_size, bits=self.bits)

@@ -98,22 +98,29 @@ class CacheStore:
         )
 
     def write(self, layer: int, index: mx.array, values: list[mx.array]) -> None:
-        """Store a positional layer's tensors (``[N, H, D]`` each) at pool ``index`` ``[N]``."""
-        arrays = self.pools[self.group_of[layer]].arrays[layer]
+        """Store a positional layer's tensors (``[N, H, D]`` each) at pool slots ``index``."""
+        pool = self.pools[self.group_of[layer]]
+        arrays = pool.arrays[layer]
         quant = self.layout.quant
         for j, v in enumerate(values):
+            rows = pool.rows(v.shape[1], index)  # [N, H]
             if quant is None:
-                arrays[j][index] = v
+                arrays[j][rows] = v
             else:
-                quant.write(arrays[3 * j : 3 * j + 3], index, v)
+                quant.write(arrays[3 * j : 3 * j + 3], rows, v)
 
     def read(self, layer: int, index: mx.array) -> list[mx.array]:
-        """A positional layer's tensors at pool ``index`` (any shape ``I``): ``[*I, H, D]``."""
-        arrays = self.pools[self.group_of[layer]].arrays[layer]
+        """A positional layer's tensors at pool slots ``index`` (shape ``I``): ``[*I, H, D]``."""
+        pool = self.pools[self.group_of[layer]]
+        arrays = pool.arrays[layer]
         quant = self.layout.quant
+        heads = self.layout.kinds[layer].token_shapes()
         if quant is None:
-            return [a[index] for a in arrays]
-        return [quant.read(arrays[j : j + 3], index, self.dtype) for j in range(0, len(arrays), 3)]
+            return [a[pool.rows(h[0], index)] for a, h in zip(arrays, heads)]
+        return [
+            quant.read(arrays[3 * j : 3 * j + 3], pool.rows(h[0], index), self.dtype)
+            for j, h in enumerate(heads)
+        ]
 
     def read_heads(self, layer: int, group: Any) -> list[mx.array]:
         """A positional layer's tensors for one pass, ``[B, H, S, D]`` each, contiguous.
@@ -126,18 +133,14 @@ class CacheStore:
             The tensors, dequantized if stored quantized.
         """
         arrays = self.pools[self.group_of[layer]].arrays[layer]
+        heads = [h[0] for h in self.layout.kinds[layer].token_shapes()]
         quant = self.layout.quant
-
-        def flat(a: mx.array) -> tuple[mx.array, mx.array]:
-            return a.reshape(-1, a.shape[-1]), group.by_heads(a.shape[1])
-
         if quant is None:
-            return [f[i] for f, i in map(flat, arrays)]
-        out = []
-        for j in range(0, len(arrays), 3):
-            parts = [f[i] for f, i in map(flat, arrays[j : j + 3])]
-            out.append(quant.dequantize(parts, self.dtype))
-        return out
+            return [a[group.by_heads(h)] for a, h in zip(arrays, heads)]
+        return [
+            quant.dequantize([a[group.by_heads(h)] for a in arrays[3 * j : 3 * j + 3]], self.dtype)
+            for j, h in enumerate(heads)
+        ]
 
     # ----- accounting ---------------------------------------------------------------------
 

@@ -6,50 +6,77 @@ writes (a prefill chunk: one row, L positions; a decode step: B rows, one each).
 per pass and shared by the layers of a group:
 
 * write indices (where the new positions go in the pool),
-* gather indices ``[B, S]`` (the positions each row's queries may see, right-padded),
-* the mask: None when nothing is padded and one query per row; ``"causal"`` for one row of a
-  full-attention prefill; otherwise a boolean ``[B, 1, L, S]`` (padding, causality, window),
+* gather indices ``[B, S]`` (the positions each row's queries may see, right-padded; in a
+  decode pass, each row's whole blocks, which attention may also read in place: ``PagedKV``),
+* the mask: ``"causal"`` for one row of a full-attention prefill; None when every query
+  sees every gathered position; otherwise a boolean ``[B, 1, L, S]`` (padding, causality,
+  window),
 * rotary offsets (an int for one row, an int32 ``[B]`` otherwise).
 
 A positional layer calls ``update_and_fetch(k, v)`` (or any number of tensors, for latent
-layers) with ``[B, H, L, D]`` arrays and gets ``[B, H, S, D]`` back; a recurrent layer reads
+layers) with ``[B, H, L, D]`` arrays and gets ``[B, H, S, D]`` back (``update_and_page``
+may hand back the pool itself instead, for attention that passes both straight to
+``backend.sdpa``); a recurrent layer reads
 and assigns ``state``. The views know indices and masks; what the layers compute with them
 is theirs.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 import numpy as np
 
+from moeserve.models.backend.paged import PagedKV
+from moeserve.models.cache.kinds import BLOCK
 from moeserve.models.cache.store import CacheStore
 
 
 class _GroupStep:
-    """Indices and mask of one group for one pass."""
+    """Indices and mask of one group for one pass.
+
+    A decode pass (one new position per row) reads whole blocks: each row's block table,
+    padded to the longest, so that attention can read the pool in place (``PagedKV``) and a
+    gathered copy covers exactly the same positions; the mask hides the positions after
+    the query, the padding and, for a sliding window, what the window has left. Other
+    passes (prefill chunks) gather the exact positions the queries may see.
+    """
 
     def __init__(self, store: CacheStore, gi: int, rows: list, new: int) -> None:
         window = store.layout.groups[gi].window
-        writes, gathers, starts = [], [], []
-        for row in rows:
-            writes.append(store.slots(gi, row, row.length, row.length + new))
-            start = 0 if window is None else max(0, row.length - window + 1)
-            gathers.append(store.slots(gi, row, start, row.length + new))
-            starts.append(start)
+        writes = [store.slots(gi, row, row.length, row.length + new) for row in rows]
+        self.blocks: mx.array | None = None
+        if new == 1:
+            gathers, starts = self._whole_blocks(gi, rows)
+        else:
+            starts = [0 if window is None else max(0, r.length - window + 1) for r in rows]
+            gathers = [store.slots(gi, r, s, r.length + new) for r, s in zip(rows, starts)]
         counts = [len(g) for g in gathers]
         width = max(counts)
-        padded = np.zeros((len(rows), width), dtype=np.int32)
+        padded = np.zeros((len(rows), width), dtype=np.int64)
         for b, g in enumerate(gathers):
             padded[b, : len(g)] = g
             padded[b, len(g) :] = g[0]  # any slot of the row's own; masked out
         self.write = mx.array(np.concatenate(writes).astype(np.int32))
-        self.gather = mx.array(padded)
+        self.gather = mx.array(padded.astype(np.int32))  # pool slots [B, S]
         self._slots = padded
         self._by_heads: dict[int, mx.array] = {}
         self.mask = self._mask(rows, new, window, starts, counts, width)
 
+    def _whole_blocks(self, gi: int, rows: list) -> tuple[list[np.ndarray], list[int]]:
+        """Every held block of each row: the slots, and the position of each row's first."""
+        tables = [np.asarray(r.blocks[gi], dtype=np.int64) for r in rows]
+        blocks = np.zeros((len(rows), max(len(t) for t in tables)), dtype=np.int32)
+        for b, t in enumerate(tables):
+            blocks[b, : len(t)] = t
+            blocks[b, len(t) :] = t[0]
+        self.blocks = mx.array(blocks)
+        gathers = [(t[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1) for t in tables]
+        return gathers, [r.dropped[gi] * BLOCK for r in rows]
+
     def by_heads(self, heads: int) -> mx.array:
-        """Gather indices ``[B, H, S]`` into a pool viewed as ``[slots * H, D]``.
+        """Gather indices ``[B, H, S]`` into a pool array stored ``[capacity × H × BLOCK, D]``.
 
         Gathering this way lands each row's keys already laid out ``[B, H, S, D]`` and
         contiguous, as attention reads them: a gather ``[B, S]`` then a transpose left a
@@ -63,14 +90,14 @@ class _GroupStep:
             The indices, made once per pass for each head count.
         """
         if heads not in self._by_heads:
-            flat = self._slots[:, None, :] * heads + np.arange(heads)[None, :, None]
-            self._by_heads[heads] = mx.array(flat.astype(np.int32))
+            block, offset = self._slots // BLOCK, self._slots % BLOCK  # [B, S]
+            rows = (block * heads * BLOCK + offset)[:, None, :]
+            rows = rows + (np.arange(heads) * BLOCK)[None, :, None]
+            self._by_heads[heads] = mx.array(rows.astype(np.int32))
         return self._by_heads[heads]
 
     @staticmethod
     def _mask(rows, new, window, starts, counts, width):
-        if new == 1 and len(set(counts)) == 1:
-            return None  # one query each, nothing padded: it sees every gathered key
         if new > 1 and len(rows) == 1 and starts[0] == 0 and window is None:
             return "causal"  # keys are exactly [0, length + L): bottom-right aligned
         key_pos = np.asarray(starts)[:, None] + np.arange(width)[None]  # [B, S]
@@ -79,6 +106,8 @@ class _GroupStep:
         keep &= np.arange(width)[None, None, :] < np.asarray(counts)[:, None, None]  # padding
         if window is not None:
             keep &= key_pos[:, None, :] > query_pos[:, :, None] - window
+        if keep.all():
+            return None  # every query sees every gathered key
         return mx.array(keep[:, None])  # [B, 1, L, S]
 
 
@@ -114,6 +143,32 @@ class LayerView:
         flat = [t.transpose(0, 2, 1, 3).reshape(-1, *t.shape[1:2], t.shape[3]) for t in tensors]
         store.write(self.layer, group.write, flat)  # [B * L, H, D] each
         return tuple(store.read_heads(self.layer, group))
+
+    def update_and_page(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
+        """``update_and_fetch`` for attention that hands both straight to ``backend.sdpa``.
+
+        In a decode pass over unquantized storage the keys and values stay in the pool
+        (``PagedKV``: a backend that can reads them in place, any other gathers them);
+        otherwise they are gathered, as ``update_and_fetch`` does.
+
+        Args:
+            keys: ``[B, K, L, D]``.
+            values: ``[B, K, L, E]``.
+
+        Returns:
+            Keys and values, ``[B, K, S, D|E]`` or ``PagedKV`` of that shape; the same
+            positions, under the same mask, either way.
+        """
+        store = self._step.store
+        group = self._step.groups[store.group_of[self.layer]]
+        if group.blocks is None or store.layout.quant is not None:
+            return self.update_and_fetch(keys, values)
+        flat = [t.transpose(0, 2, 1, 3).reshape(-1, t.shape[1], t.shape[3]) for t in (keys, values)]
+        store.write(self.layer, group.write, flat)
+        arrays = store.pools[store.group_of[self.layer]].arrays[self.layer]
+        return tuple(
+            PagedKV(a, t.shape[1], BLOCK, group.blocks) for a, t in zip(arrays, (keys, values))
+        )
 
     @property
     def state(self) -> list[mx.array]:

@@ -159,7 +159,7 @@ class Attention(nn.Module):
         offset = cache.rope_offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)  # [B, K, S, D]
+            k, v = cache.update_and_page(k, v)  # [B, K, S, D], maybe left in the pool
         if cache is None and c.sliding_window is not None and L > 1:
             mask = _window_mask(L, c.sliding_window)
         sinks = self.sinks if c.sinks else None

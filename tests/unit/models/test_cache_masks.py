@@ -1,4 +1,8 @@
-"""The masks a pass's cache views build: none where nothing is hidden, exact where needed."""
+"""The masks a pass's cache views build: none where nothing is hidden, exact where needed.
+
+A decode pass reads whole 16-position blocks (so attention may read the pool in place), and
+its mask hides what lies past each row's query; a prefill pass gathers exact positions.
+"""
 
 from __future__ import annotations
 
@@ -20,18 +24,28 @@ def _store(*lengths: int, kind=None) -> CacheStore:
     return store
 
 
-def test_equal_rows_and_one_token_need_no_mask() -> None:
-    store = _store(4, 4)
+def test_full_blocks_need_no_mask() -> None:
+    store = _store(15, 15)  # the decoded token fills each row's block
     assert StepCache(store, ["r0", "r1"], 1).groups[0].mask is None
-    store = _store(7)
-    assert StepCache(store, ["r0"], 1).groups[0].mask is None
+    store = _store(31)
+    step = StepCache(store, ["r0"], 1)
+    assert step.groups[0].mask is None and step.groups[0].gather.shape == (1, 32)
 
 
-def test_rows_of_different_lengths_are_masked_past_their_end() -> None:
+def test_decode_reads_whole_blocks_masked_past_each_query() -> None:
     store = _store(4, 2)
-    mask = StepCache(store, ["r0", "r1"], 1).groups[0].mask
-    # Right-padded: row 1 holds 3 positions after this step, row 0 holds 5.
-    assert mask.tolist() == [[[[True] * 5]], [[[True, True, True, False, False]]]]
+    group = StepCache(store, ["r0", "r1"], 1).groups[0]
+    assert group.gather.shape == (2, 16)
+    # Row 0's query is at 4, row 1's at 2; the rest of each block is not written yet.
+    assert group.mask.tolist() == [
+        [[[True] * 5 + [False] * 11]],
+        [[[True] * 3 + [False] * 13]],
+    ]
+    store = _store(20, 3)  # two blocks against one: row 1's second is padding
+    group = StepCache(store, ["r0", "r1"], 1).groups[0]
+    assert group.gather.shape == (2, 32)
+    assert group.mask.tolist()[1] == [[[True] * 4 + [False] * 28]]
+    assert group.blocks.tolist()[1][1] == group.blocks.tolist()[1][0]  # its own block again
 
 
 def test_prefill_of_one_row_is_causal_and_a_window_is_explicit() -> None:
@@ -44,7 +58,7 @@ def test_prefill_of_one_row_is_causal_and_a_window_is_explicit() -> None:
 
 def test_dropping_the_mask_changes_nothing(monkeypatch) -> None:
     model, _ = load_model(FIXTURE, "float32")
-    prompt = mx.array([[3, 14, 15, 92, 65, 35, 89, 79]])
+    prompt = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32]])
 
     def decode_logits() -> mx.array:
         cache = model.make_cache()
@@ -63,3 +77,9 @@ def test_dropping_the_mask_changes_nothing(monkeypatch) -> None:
     monkeypatch.setattr(views._GroupStep, "_mask", staticmethod(always_a_mask))
     with_mask = decode_logits()
     assert mx.array_equal(without, with_mask).item()
+    seen = []
+    monkeypatch.setattr(
+        views._GroupStep, "_mask", staticmethod(lambda *a: seen.append(real(*a)) or real(*a))
+    )
+    decode_logits()
+    assert seen[-1] is None  # the decode step above did run without a mask
