@@ -55,10 +55,11 @@ from pathlib import Path
 import httpx
 import mlx.core as mx
 
-from bench.compare import MLX_LM_MODEL, start_server
+from bench.compare import MLX_LM_BLAS, MLX_LM_MODEL, start_server
 from bench.make_checkpoint import DEFAULT_DIR, ensure_checkpoint
 from bench.serverproc import ServerProcess, free_port, moeserve_command
 from moeserve.devtools.loadgen import build_prompt, run_load
+from moeserve.models.backend.blas import preloadable
 from moeserve.server.text.tokenizer import Tokenizer
 
 CACHE = Path(os.environ.get("MOESERVE_BENCH_CACHE", Path.home() / ".cache" / "moeserve-bench"))
@@ -432,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         if args.mlx_lm:
+            # Like with like where possible; the scipy-openblas32 wheel's prefixed symbols
+            # cannot be preloaded, and then mlx_lm.server runs on MLX's bundled BLAS.
+            MLX_LM_BLAS["mode"] = "same" if preloadable() else "bundled"
+            print(f"mlx_lm.server BLAS: {MLX_LM_BLAS['mode']}", flush=True)
             servers["mlx_lm"] = (
                 start_server("mlx_lm", model_dir, log_dir, args.startup_timeout),
                 MLX_LM_MODEL,
