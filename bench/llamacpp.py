@@ -274,6 +274,22 @@ FIGURES = (  # (label, concurrency, loadgen report key)
 )
 
 
+def cpu_seconds(server: ServerProcess) -> float:
+    """CPU time (user + system, all threads) the server process has used so far (Linux).
+
+    Args:
+        server: The server.
+
+    Returns:
+        Seconds, or 0.0 where ``/proc`` is not there.
+    """
+    stat = Path(f"/proc/{server.process.pid}/stat")
+    if not stat.exists():
+        return 0.0
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_rounds(
     servers: dict[str, tuple[ServerProcess, str | None]], args: argparse.Namespace
 ) -> dict:
@@ -308,6 +324,7 @@ def run_rounds(
                 order = ["moeserve"] + [x for x in order if x != "moeserve"]
             for name in order:
                 server, model = servers[name]
+                idle = {x: cpu_seconds(servers[x][0]) for x in servers if x != name}
                 report = asyncio.run(
                     run_load(
                         server.base_url,
@@ -321,12 +338,16 @@ def run_rounds(
                     )
                 )
                 words = words or report["prompt_words"]
+                # CPU the servers not under load used meanwhile: they all stay up, so an idle
+                # one that polls would take cores from the measured one.
+                report["idle_cpu_s"] = {x: cpu_seconds(servers[x][0]) - t for x, t in idle.items()}
                 reports[name][c].append(report)
                 print(
                     f"round {r} {name:>9} C={c:<2} {report['output_throughput']:7.1f} tok/s "
                     f"ITL p50 {report['median_itl_ms']:6.1f} p99 {report['p99_itl_ms']:6.1f} "
                     f"TTFT p50 {report['median_ttft_ms']:6.0f} ms, failed {report['failed']}, "
-                    f"in {report['total_input_tokens']} out {report['total_output_tokens']}",
+                    f"in {report['total_input_tokens']} out {report['total_output_tokens']}, "
+                    f"idle servers' CPU s {report['idle_cpu_s']}",
                     flush=True,
                 )
     return reports
