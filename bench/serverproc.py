@@ -53,6 +53,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         timeout: float = 300.0,
         cwd: Path | None = None,
+        stdin: int | None = None,
     ) -> ServerProcess:
         """Run ``cmd`` and wait until ``GET ready_path`` answers 200.
 
@@ -64,6 +65,8 @@ class ServerProcess:
             env: Extra environment variables.
             timeout: Seconds to wait.
             cwd: Working directory (default: the current one).
+            stdin: Its standard input (``subprocess.PIPE``: one that stays open and empty;
+                ``mlx.launch`` polls a closed one in a busy loop); default: inherited.
 
         Returns:
             The process.
@@ -74,6 +77,7 @@ class ServerProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
+                stdin=stdin,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
             )

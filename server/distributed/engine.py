@@ -199,20 +199,26 @@ def follow(runner: Runner, link: Link) -> int:
             logger.info("rank %d: rank 0 stopped; exiting", link.rank)
             logger.info("%s", link.stats.describe(link.rank))
             return 0
-        for op in message.ops:
-            if op[0] == "snap":
-                snap = runner.snapshot(op[1])
-                if snap is not None:
-                    entries[op[2]] = snap
-            elif op[0] == "adopt":
-                runner.adopt_prefix(_Adopting(op[1], op[3]), entries[op[2]])  # type: ignore[arg-type]
-            elif op[0] == "drop":
-                entries.pop(op[1], None)
+        try:
+            _replay(runner, message, entries)
+        except Exception as e:  # the ranks no longer agree; rank 0 fails when this one leaves
+            logger.exception("rank %d: a step failed (%s); exiting", link.rank, e)
+            return 1
         if message.kind == STEP:
-            try:
-                outputs, _ = runner.forward(message.work)
-                mx.eval(outputs)
-                link.stats.steps += 1
-            except RuntimeError as e:
-                logger.error("rank %d: a step failed (%s); exiting", link.rank, e)
-                return 1
+            link.stats.steps += 1
+
+
+def _replay(runner: Runner, message: Message, entries: dict[int, Snapshot]) -> None:
+    """Repeat rank 0's prompt-cache operations, then run the step's passes."""
+    for op in message.ops:
+        if op[0] == "snap":
+            snap = runner.snapshot(op[1])
+            if snap is not None:
+                entries[op[2]] = snap
+        elif op[0] == "adopt":
+            runner.adopt_prefix(_Adopting(op[1], op[3]), entries[op[2]])  # type: ignore[arg-type]
+        elif op[0] == "drop":
+            entries.pop(op[1], None)
+    if message.kind == STEP:
+        outputs, _ = runner.forward(message.work)
+        mx.eval(outputs)

@@ -28,6 +28,8 @@ import numpy as np
 
 logger = logging.getLogger("moeserve.distributed")
 
+# int32 words of the step broadcast's one collective (1 KiB: a decode step of dozens of rows).
+BROADCAST_WORDS = 256
 # How long a process that failed waits for clients to receive their error events.
 EXIT_GRACE_SECONDS = 2.0
 
@@ -37,7 +39,7 @@ class LinkStats:
     """What the step broadcast and the pipeline hand-offs moved, for ``bench/distributed.py``."""
 
     messages: int = 0  # step broadcasts
-    message_bytes: int = 0  # their payload bytes
+    message_bytes: int = 0  # bytes the broadcasts' collectives carried (padding included)
     activation_bytes: int = 0  # hidden states sent or received (pipeline)
     seconds: float = 0.0  # wall time spent inside collectives on this rank
     steps: int = 0  # steps run (rank 0: broadcast; others: replayed)
@@ -145,24 +147,40 @@ class Link:
     def broadcast(self, payload: bytes | None) -> bytes:
         """Send rank 0's bytes to every rank; every rank calls this in the same order.
 
+        One ``all_sum`` of ``BROADCAST_WORDS`` int32 words carries the length and, usually,
+        the whole message; a longer one (a long prefill chunk's tokens) takes a second
+        collective for the rest. One collective per step matters: each is a round trip.
+
         Args:
             payload: Rank 0's message; ignored elsewhere.
 
         Returns:
             The message.
         """
+        room = (BROADCAST_WORDS - 1) * 4
         with self.collective("the step broadcast"):
             mine = payload if self.rank == 0 and payload is not None else b""
-            size = mx.distributed.all_sum(mx.array([len(mine)], mx.int32), group=self.group)
-            length = int(size.item())
-            words = np.zeros((length + 3) // 4, np.int32)
+            words = np.zeros(BROADCAST_WORDS, np.int32)
             if self.rank == 0:
-                words.view(np.uint8)[:length] = np.frombuffer(mine, np.uint8)
-            data = mx.distributed.all_sum(mx.array(words), group=self.group)
-            mx.eval(data)
-            out = np.array(data).view(np.uint8)[:length].tobytes()
+                words[0] = len(mine)
+                head = mine[:room]
+                words[1:].view(np.uint8)[: len(head)] = np.frombuffer(head, np.uint8)
+            first = mx.distributed.all_sum(mx.array(words), group=self.group)
+            mx.eval(first)
+            received = np.array(first)
+            length = int(received[0])
+            out = received[1:].view(np.uint8)[: min(length, room)].tobytes()
+            sent = words.nbytes
+            if length > room:
+                rest = np.zeros((length - room + 3) // 4, np.int32)
+                if self.rank == 0:
+                    rest.view(np.uint8)[: length - room] = np.frombuffer(mine[room:], np.uint8)
+                second = mx.distributed.all_sum(mx.array(rest), group=self.group)
+                mx.eval(second)
+                out += np.array(second).view(np.uint8)[: length - room].tobytes()
+                sent += rest.nbytes
         self.stats.messages += 1
-        self.stats.message_bytes += length
+        self.stats.message_bytes += sent
         return out
 
     def gather_ints(self, values: list[int]) -> list[list[int]]:

@@ -2,13 +2,15 @@
 
 ``launch(model_dir, mode, *flags)`` runs ``mlx.launch -n 2 --backend ring -- python -m
 moeserve.server.cli serve ...`` in its own process group (through ``bench/serverproc.py``),
-waits for rank 0's ``/health``, and stops every rank at the end of the test. The ranks' pids
+waits for rank 0's ``/health``, and stops every rank at the end of the test. The launcher
+gets a standard input that stays open: on a closed one its input loop never sleeps. The ranks' pids
 come from the startup line each rank logs.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,7 +100,9 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             cmd = distributed_command(model, port, mode, *flags)
         log = tmp_path / f"server-{mode}-{port}.log"
         env = {"MOESERVE_CACHE_DIR": str(tmp_path / "cache")}
-        proc = ServerProcess.start(cmd, port, "/health", log, env=env, timeout=240, cwd=REPO)
+        proc = ServerProcess.start(
+            cmd, port, "/health", log, env=env, timeout=240, cwd=REPO, stdin=subprocess.PIPE
+        )
         started.append(proc)
         return proc
 

@@ -61,7 +61,9 @@ def battery(url: str, full: bool = True) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     with httpx.Client(base_url=url, timeout=120) as http:
-        for i, prompt in enumerate(["The weather today is", "def main():\n    return"]):
+        # The third prompt's chunk needs more than the step broadcast's first collective.
+        long = " ".join(f"item{i}" for i in range(120))
+        for i, prompt in enumerate(["The weather today is", "def main():\n    return", long]):
             got = _post(http, "/v1/completions", {"prompt": prompt, "max_tokens": 8})
             out[f"completion{i}"] = [got["choices"][0]["text"], got["usage"]]
         if not full:
