@@ -215,20 +215,21 @@ class Split:
         Returns:
             The part.
         """
+        # Every part is a copy: a slice is a view that would keep the whole tensor alive.
         if self.kind == "experts":
-            return t[self.lo : self.hi]
+            return mx.contiguous(t[self.lo : self.hi])
         if self.kind == "cols":
             if name.endswith(".bias"):
                 return t if rank == 0 else mx.zeros_like(t)
             part = t.shape[-1] // size
-            return t[..., rank * part : (rank + 1) * part]
+            return mx.contiguous(t[..., rank * part : (rank + 1) * part])
         total, parts, start = sum(self.segments), [], 0
         for seg in self.segments:
             length = t.shape[0] * seg // total
             part = length // size
             parts.append(t[start + rank * part : start + (rank + 1) * part])
             start += length
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+        return mx.contiguous(parts[0]) if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Any
 import mlx.core as mx
 
 from moeserve.models.cache import Snapshot
-from moeserve.server.distributed.link import EXIT_GRACE_SECONDS, Link
+from moeserve.server.distributed.link import EXIT_GRACE_SECONDS, STARTUP_SECONDS, Link
 from moeserve.server.distributed.wire import PING, STEP, STOP, Message
 from moeserve.server.engine.engine import Engine
 from moeserve.server.engine.events import GenerationRequest
@@ -189,9 +189,11 @@ def follow(runner: Runner, link: Link) -> int:
         The process exit status (0: rank 0 stopped cleanly; 1: the group failed).
     """
     entries: dict[int, Snapshot] = {}
+    wait: float | None = STARTUP_SECONDS  # rank 0 may still be starting its HTTP server
     while True:
         try:
-            message = Message.decode(link.broadcast(None))
+            message = Message.decode(link.broadcast(None, wait))
+            wait = None
         except RuntimeError as e:  # a peer closed its sockets: rank 0 is gone or failing
             logger.error("rank %d: lost the group (%s); exiting", link.rank, e)
             return 1

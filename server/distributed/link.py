@@ -30,6 +30,8 @@ logger = logging.getLogger("moeserve.distributed")
 
 # int32 words of the step broadcast's one collective (1 KiB: a decode step of dozens of rows).
 BROADCAST_WORDS = 256
+# How long a rank waits for the others to load, and for rank 0's first message after that.
+STARTUP_SECONDS = 3600.0
 # How long a process that failed waits for clients to receive their error events.
 EXIT_GRACE_SECONDS = 2.0
 
@@ -78,17 +80,20 @@ class Watchdog:
         self.on_timeout = on_timeout
         self._since: float | None = None
         self._what = ""
+        self._limit = timeout
         self._thread = threading.Thread(target=self._watch, name="moeserve-watchdog", daemon=True)
         self._thread.start()
 
     @contextmanager
-    def guard(self, what: str) -> Iterator[None]:
+    def guard(self, what: str, timeout: float | None = None) -> Iterator[None]:
         """Time the collective run inside the block.
 
         Args:
             what: Named in the message if it times out.
+            timeout: Seconds for this one (default: the watchdog's).
         """
-        self._what, self._since = what, time.monotonic()
+        self._what, self._limit = what, timeout or self.timeout
+        self._since = time.monotonic()
         try:
             yield
         finally:
@@ -97,10 +102,10 @@ class Watchdog:
     def _watch(self) -> None:
         while True:
             time.sleep(min(0.5, self.timeout / 4))
-            since = self._since
-            if since is not None and time.monotonic() - since > self.timeout:
+            since, limit = self._since, self._limit
+            if since is not None and time.monotonic() - since > limit:
                 message = (
-                    f"rank {self.rank}: {self._what} did not complete within {self.timeout:g} s "
+                    f"rank {self.rank}: {self._what} did not complete within {limit:g} s "
                     "(a rank died or the network is down); exiting"
                 )
                 logger.error("%s", message)
@@ -133,18 +138,19 @@ class Link:
         self.watchdog = Watchdog(self.rank, timeout, on_timeout or (lambda _m: None))
 
     @contextmanager
-    def collective(self, what: str) -> Iterator[None]:
+    def collective(self, what: str, timeout: float | None = None) -> Iterator[None]:
         """Guard and time one collective (or a pipeline hand-off).
 
         Args:
             what: Named if it times out.
+            timeout: Seconds for this one (default: the link's).
         """
         start = time.perf_counter()
-        with self.watchdog.guard(what):
+        with self.watchdog.guard(what, timeout):
             yield
         self.stats.seconds += time.perf_counter() - start
 
-    def broadcast(self, payload: bytes | None) -> bytes:
+    def broadcast(self, payload: bytes | None, timeout: float | None = None) -> bytes:
         """Send rank 0's bytes to every rank; every rank calls this in the same order.
 
         One ``all_sum`` of ``BROADCAST_WORDS`` int32 words carries the length and, usually,
@@ -153,12 +159,13 @@ class Link:
 
         Args:
             payload: Rank 0's message; ignored elsewhere.
+            timeout: Seconds it may take (default: the link's).
 
         Returns:
             The message.
         """
         room = (BROADCAST_WORDS - 1) * 4
-        with self.collective("the step broadcast"):
+        with self.collective("the step broadcast", timeout):
             mine = payload if self.rank == 0 and payload is not None else b""
             words = np.zeros(BROADCAST_WORDS, np.int32)
             if self.rank == 0:
@@ -192,7 +199,9 @@ class Link:
         Returns:
             ``size`` lists.
         """
-        with self.collective("the startup handshake"):
+        # The ranks finish loading at different times: bounded by STARTUP_SECONDS, not by the
+        # step timeout.
+        with self.collective("the startup handshake", STARTUP_SECONDS):
             row = mx.array(values, dtype=mx.int64)[None]
             out = mx.distributed.all_gather(row, group=self.group)
             mx.eval(out)
