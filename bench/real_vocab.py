@@ -31,6 +31,8 @@ times longer in its layers (so these fractions overstate the real model's).
 
 Usage: python -m bench.real_vocab [--model DIR] [--batch 16] [--context 128] [--rounds 5]
        [--json OUT]
+       python -m bench.real_vocab --sampler-only   (no model: the sampler on flat and peaked
+           logits; the random model's are flat, so its top_p nucleus is most of the vocabulary)
 """
 
 from __future__ import annotations
@@ -206,6 +208,51 @@ def run(model_dir: Path, batch: int, context: int, rounds: int) -> dict[str, Any
     }
 
 
+def sampler_only(batch: int, rounds: int, vocab: int = 151_936) -> dict[str, Any]:
+    """The sampler alone on seeded logits, flat and peaked, without the model.
+
+    The random-weight checkpoint's logits are nearly flat (about N(0, 1) over 151,936 ids),
+    so its ``top_p`` 0.9 nucleus holds most of the vocabulary, which no trained model's does.
+    Scaling the same logits by 8 gives a peaked distribution with a nucleus of a few hundred
+    tokens at most; both are timed, with the nucleus size of row 0.
+
+    Args:
+        batch: Rows.
+        rounds: Timed rounds.
+        vocab: Logits per row.
+
+    Returns:
+        ``{"ms", "cpu_ms", "nucleus"}`` by variant.
+    """
+    sampler = Sampler()
+    flat = mx.random.normal((batch, vocab), key=mx.random.key(1))
+    peaked = flat * 8
+    mx.eval(flat, peaked)
+
+    def sample(logits: mx.array, params: SamplingParams) -> list[int]:
+        rows = [SamplerRow(params) for _ in range(batch)]
+        return [x.token for x in sampler(logits, rows).to_lists(rows)]
+
+    def nucleus(logits: mx.array) -> int:
+        p = mx.sort(mx.softmax(logits[0]))[::-1]
+        return int(mx.sum(mx.cumsum(p) < TOP_P.top_p).item()) + 1
+
+    ms, cpu_ms = interleaved(
+        {
+            "flat greedy": lambda: sample(flat, GREEDY),
+            "flat top_p": lambda: sample(flat, TOP_P),
+            "peaked greedy": lambda: sample(peaked, GREEDY),
+            "peaked top_p": lambda: sample(peaked, TOP_P),
+        },
+        rounds,
+    )
+    return {
+        "ms": ms,
+        "cpu_ms": cpu_ms,
+        "nucleus": {"flat": nucleus(flat), "peaked": nucleus(peaked)},
+    }
+
+
 def main() -> None:
     """Build the checkpoint if missing, run, print the table, optionally write JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -214,7 +261,16 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", type=Path, default=None, metavar="OUT")
+    p.add_argument("--sampler-only", action="store_true", help="no model: flat vs peaked logits")
     args = p.parse_args()
+    if args.sampler_only:
+        out = sampler_only(args.batch, args.rounds)
+        print(f"sampler alone, batch {args.batch}, 151,936 logits, nucleus {out['nucleus']}")
+        for name, value in out["ms"].items():
+            print(f"{name:>14} {value:9.1f} ms wall {out['cpu_ms'][name]:9.1f} ms CPU")
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+        return
     if args.model == DEFAULT_REAL_VOCAB_DIR:
         ensure_real_vocab_checkpoint(args.model)
     out = run(args.model, args.batch, args.context, args.rounds)
