@@ -14,7 +14,8 @@ what the scheduler decides, not the transport. The machine is shared: compare th
 columns of one session, not sessions.
 
 Usage: python -m bench.prefill_budget [--ratio 2] [--runs 3] [--concurrency 16]
-       [--requests 32] [--prompt-tokens 200] [--output-tokens 64] [--model DIR]
+       [--requests 32] [--prompt-tokens 200] [--output-tokens 64] [--warmup-requests 16]
+       [--model DIR]
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--warmup-requests", type=int, default=16)
     parser.add_argument("--model", type=Path, default=DEFAULT_DIR)
     args = parser.parse_args()
     ensure_checkpoint(args.model)
@@ -104,7 +106,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in engines}
     try:
         for engine in engines.values():  # warm-up: compilation, and the cost model learns
-            asyncio.run(_load(engine, prompts(args.concurrency), args.concurrency, 16))
+            warm = args.warmup_requests
+            asyncio.run(_load(engine, prompts(warm), min(warm, args.concurrency), 16))
         names = list(engines)
         for k in range(args.runs):
             for name in names if k % 2 == 0 else names[::-1]:

@@ -46,8 +46,9 @@ from moeserve.models.backend import fast_math_in_use
 from moeserve.models.backend import fastmath as _fastmath
 
 # Candidates taken per row before falling back to a full sort. argpartition costs O(V) whatever
-# M is and sorting [B, 1024] is cheap, so a generous M makes the fallback rare.
-CANDIDATES = 1024
+# M is and sorting [B, 4096] is cheap (~3 ms for 16 rows on a CPU), so a generous M makes the
+# fallback rare: a trained model's top_p 0.9 nucleus rarely holds more.
+CANDIDATES = 4096
 
 
 @dataclass
