@@ -25,11 +25,16 @@ same order. A row needs the full sort only when its threshold equals the M-th ca
 value: either its nucleus is not complete within the M candidates (their mass is below
 ``top_p``, so all are kept), or tokens outside them, tied with the last one, are kept too.
 
-Only those rows are then sorted in full; finding them costs one host synchronisation (a
-boolean per row) in steps that truncate by rank. The row's normaliser for top_p without top_k,
-the sum of ``exp(l - l_max)`` over the whole row, is computed from the unsorted row in both
-paths, with the CPU backend's compiled exp where that is in use (``models.backend``): MLX's own
-``exp`` costs ~13 ns an element on x86 CPUs.
+Only those rows are then sorted in full; finding them costs a host synchronisation (a
+boolean per row; two when some row is unsure, below) in steps that truncate by rank.
+
+top_p without top_k also needs the row's normaliser, the sum of ``exp(l - l_max)`` over the
+whole row: a pass over V as costly as the partition. It is first only bracketed: at least the
+candidates' mass, at most that plus ``V - M`` times the last candidate's term. Where both ends
+keep the same prefix (a peaked row whose tail lies far below), that is the answer, since the
+kept count only grows with the normaliser. Other rows compute it exactly, from the unsorted
+row, as the full-sort path does, with the CPU backend's compiled exp where that is in use
+(``models.backend``): MLX's own ``exp`` costs ~13 ns an element on x86 CPUs.
 
 This module knows logits and sampling parameters only. It does not draw (the sampler adds
 the Gumbel noise) and does not see penalties, bias or grammar masks (applied before it).
@@ -49,6 +54,9 @@ from moeserve.models.backend import fastmath as _fastmath
 # M is and sorting [B, 4096] is cheap (~3 ms for 16 rows on a CPU), so a generous M makes the
 # fallback rare: a trained model's top_p 0.9 nucleus rarely holds more.
 CANDIDATES = 4096
+# Relative slack on the bounds of a row's normaliser: far above float32 summation error over
+# 152k terms (~1e-5 typical), so the bounds hold for the normaliser as the full sort computes it.
+BOUND_SLACK = 2e-3
 
 
 @dataclass
@@ -117,15 +125,21 @@ def cut(scaled: mx.array, params: list, sampling: list[bool], candidates: int = 
     # +1: the candidate after the last one any row can keep by rank shows a tie at the cut.
     M = min(V, 1 + max(k if k < V else candidates for k, r in zip(ks, ranked) if r))
     ids, values = _best(scaled, M)
-    threshold, spill = _thresholds(scaled, values, params, ks)
+    threshold, unsure = _thresholds(scaled, values, params, ks, bounded=M < V)
+    redo: list[int] = []
     if M < V:
-        redo = [i for i, s in enumerate(spill.tolist()) if s]  # the one host sync
-        if redo:
+        unsure_rows = [i for i, u in enumerate(unsure.tolist()) if u]  # host sync
+        if unsure_rows:  # the exact normaliser, over these rows only
+            rows = mx.array(unsure_rows)
+            sub, sub_params = scaled[rows], [params[i] for i in unsure_rows]
+            sub_ks = [ks[i] for i in unsure_rows]
+            exact, spill = _thresholds(sub, values[rows], sub_params, sub_ks, bounded=False)
+            threshold[rows] = exact
+            redo = [i for i, s in zip(unsure_rows, spill.tolist()) if s]  # host sync
+        if redo:  # nucleus wider than the candidates, or tied at the last: full sort
             rows = mx.array(redo)
-            sub = scaled[rows]
-            _, full = _best(sub, V)
-            sub_params, sub_ks = [params[i] for i in redo], [ks[i] for i in redo]
-            threshold[rows] = _thresholds(sub, full, sub_params, sub_ks)[0]
+            sub, sub_params, sub_ks = scaled[rows], [params[i] for i in redo], [ks[i] for i in redo]
+            threshold[rows] = _thresholds(sub, _best(sub, V)[1], sub_params, sub_ks, False)[0]
         if not any(sampling[i] for i in redo) and all(r or not s for r, s in zip(ranked, sampling)):
             kept = values >= threshold
             if floor is not None:
@@ -154,13 +168,19 @@ def _row_mass(scaled: mx.array, top: mx.array) -> mx.array:
 
 
 def _thresholds(
-    scaled: mx.array, values: mx.array, params: list, ks: list[int]
+    scaled: mx.array, values: mx.array, params: list, ks: list[int], bounded: bool
 ) -> tuple[mx.array, mx.array]:
-    """Thresholds [B, 1] from the M best ``values``, and which rows spill past them [B].
+    """Thresholds [B, 1] from the M best ``values``, and which rows are unsure of them [B].
 
     A row spills when its kept prefix might continue beyond the candidates: its threshold is
     the last candidate's value. That covers both cases of the module docstring: a nucleus
     still short of top_p keeps every candidate, so its threshold is the last one's.
+
+    ``bounded``: instead of the whole row's normaliser (a pass over V), bracket it between
+    the candidates' own mass and that plus ``(V - M)`` times the last candidate's share,
+    widened by ``BOUND_SLACK`` for rounding. The kept count only grows with the normaliser
+    (every prefix sum shrinks), so where both ends keep the same count, so does the exact
+    normaliser. Rows where they differ come back unsure, as do spilling rows.
     """
     M, V = values.shape[1], scaled.shape[1]
     top = values[:, :1]
@@ -168,21 +188,32 @@ def _thresholds(
     e = mx.exp(values - top)  # [B, M]
     in_k = mx.arange(M)[None, :] < mx.array([min(k, M) for k in ks])[:, None]  # [B, M]
     has_k = mx.array([k < V for k in ks])[:, None]
+    mass = mx.where(in_k, e, 0.0).sum(axis=-1, keepdims=True)  # the top_k rows' normaliser
     needs_row = any(k >= V and p.top_p < 1.0 for k, p in zip(ks, params))
-    row_mass = _row_mass(scaled, top) if needs_row else mx.ones_like(top)
-    z = mx.where(has_k, mx.where(in_k, e, 0.0).sum(axis=-1, keepdims=True), row_mass)
-    probs = mx.where(in_k, e / z, 0.0)
+    if bounded or not needs_row:
+        low = mass * (1.0 - BOUND_SLACK)
+        high = (mass + (V - M) * e[:, -1:]) * (1.0 + BOUND_SLACK)
+        low, high = mx.where(has_k, mass, low), mx.where(has_k, mass, high)
+    else:
+        low = high = mx.where(has_k, mass, _row_mass(scaled, top))
     top_p = mx.array([p.top_p for p in params], dtype=mx.float32)[:, None]
     p_off = mx.array([p.top_p >= 1.0 for p in params])[:, None]
-    # Rounding could push the tail's prefix sum to 1.0, hence the explicit p_off.
-    keep = in_k & ((mx.cumsum(probs, axis=-1) - probs < top_p) | p_off)
-    # keep is a prefix; a row with no finite logit keeps nothing, so clamp to stay in range.
-    last = mx.maximum(keep.astype(mx.int32).sum(axis=-1, keepdims=True) - 1, 0)
-    threshold = mx.take_along_axis(values, last, axis=-1)
+
+    def kept_count(z: mx.array) -> mx.array:
+        probs = mx.where(in_k, e / z, 0.0)
+        # Rounding could push the tail's prefix sum to 1.0, hence the explicit p_off.
+        keep = in_k & ((mx.cumsum(probs, axis=-1) - probs < top_p) | p_off)
+        return keep.astype(mx.int32).sum(axis=-1, keepdims=True)  # keep is a prefix
+
+    count = kept_count(high)
+    # A row with no finite logit keeps nothing, so clamp to stay in range.
+    threshold = mx.take_along_axis(values, mx.maximum(count - 1, 0), axis=-1)
     off = mx.array([p.top_k <= 0 and p.top_p >= 1.0 for p in params])[:, None]
     threshold = mx.where(off, -mx.inf, threshold)
-    spill = ~off & (threshold <= values[:, -1:])
-    return threshold, spill[:, 0]
+    unsure = ~off & (threshold <= values[:, -1:])
+    if bounded and needs_row:
+        unsure = unsure | (~off & (kept_count(low) != count))
+    return threshold, unsure[:, 0]
 
 
 def _log(x: float) -> float:

@@ -145,3 +145,30 @@ def test_real_vocabulary_rows_match_the_full_sort() -> None:
         full = cut(logits, params, [True] * 3, n)
         partial = cut(logits, params, [True] * 3, 1024)
         assert partial.threshold.tolist() == full.threshold.tolist()
+
+
+def test_a_peaked_row_skips_the_whole_row_normaliser(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its tail is so far below that the bounds on the normaliser decide the nucleus; a flat
+    # row cannot be decided that way and pays the pass over its row (and only its row).
+    from moeserve.server.engine import truncation
+
+    seen: list[int] = []
+    real = truncation._row_mass
+
+    def counting(scaled: mx.array, top: mx.array) -> mx.array:
+        seen.append(scaled.shape[0])
+        return real(scaled, top)
+
+    monkeypatch.setattr(truncation, "_row_mass", counting)
+    n = 20_000
+    mx.random.seed(5)
+    tail = mx.random.normal((2, n)) - 30.0
+    head = mx.array([[8.0, 7.0, 6.5, 5.0], [0.0, 0.0, 0.0, 0.0]])
+    logits = mx.concatenate([head, tail], axis=1)
+    logits[1] = mx.random.normal((n + 4,)) * 0.5  # flat
+    params = [SamplingParams(top_p=0.9)] * 2
+    cut(logits[:1], params[:1], [True], 64)
+    assert seen == []  # the peaked row alone: no pass over its row
+    partial = cut(logits, params, [True, True], 64)
+    assert seen and all(rows == 1 for rows in seen)  # only the flat row's
+    assert partial.threshold.tolist() == cut(logits, params, [True, True], n + 4).threshold.tolist()
