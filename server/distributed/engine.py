@@ -3,8 +3,9 @@
 Rank 0 runs the ordinary ``Engine`` (HTTP, admission, the scheduler, sampling, grammar,
 the prompt cache), with two changes (``DistributedEngine``):
 
-- before each forward pass, ``step`` broadcasts the step (``wire.Message``): the runner's
-  ``StepWork`` and the prompt-cache operations since the last step. Every other rank
+- before each forward pass, its runner (``RecordingRunner.step``) broadcasts the step
+  (``wire.Message``): the runner's ``StepWork`` and the prompt-cache operations since the
+  last step. Every other rank
   (``follow``) runs the same passes on its shard in the same order. Sampling happens on rank
   0 alone; the tokens it chose reach the others as the next step's decode tokens.
 - the runner (``RecordingRunner``) notes each prompt-cache snapshot and adoption under a key
@@ -40,7 +41,8 @@ from moeserve.server.distributed.wire import PING, STEP, STOP, Message
 from moeserve.server.engine.engine import Engine
 from moeserve.server.engine.events import GenerationRequest
 from moeserve.server.engine.prompt_cache import Hit
-from moeserve.server.engine.runner import Runner, StepWork
+from moeserve.server.engine.runner import Runner, StepResult, StepWork
+from moeserve.server.engine.scheduler import StepPlan
 from moeserve.server.engine.sequence import Sequence
 
 logger = logging.getLogger("moeserve.distributed")
@@ -50,13 +52,35 @@ HARD_EXIT_SECONDS = 20.0
 
 
 class RecordingRunner(Runner):
-    """Rank 0's runner: notes the prompt-cache operations the other ranks must repeat."""
+    """Rank 0's runner: broadcasts each step first; notes what the others must repeat.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    The notes are the prompt-cache snapshots and adoptions (and drops) since the last step.
+
+    Args:
+        *args: As ``Runner``.
+        link: The group.
+        **kwargs: As ``Runner``.
+    """
+
+    def __init__(self, *args: Any, link: Link, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.link = link
         self.ops: list[list[Any]] = []
         self.dropped: list[int] = []  # appended by finalizers (any thread; list.append is atomic)
         self._keys = itertools.count(1)
+
+    def step(self, plan: StepPlan) -> StepResult:
+        """Broadcast the step (its work and the operations since the last), then run it.
+
+        Args:
+            plan: From ``Scheduler.schedule()``.
+
+        Returns:
+            The sampled tokens.
+        """
+        self.link.broadcast(Message(STEP, StepWork.from_plan(plan), self.take_ops()).encode())
+        self.link.stats.steps += 1
+        return super().step(plan)
 
     def snapshot(self, seq_id: str) -> Snapshot | None:
         """``Runner.snapshot``, keyed so that every rank keeps its own part of it."""
@@ -98,6 +122,7 @@ class DistributedEngine(Engine):
         model = args[0]
         runner = RecordingRunner(
             model,
+            link=link,
             max_bytes=kwargs.get("kv_cache_max_bytes"),
             kv_bits=kwargs.get("kv_cache_bits"),
         )
@@ -106,20 +131,6 @@ class DistributedEngine(Engine):
         self.heartbeat = heartbeat
         self.prefix_reuse = prefix_reuse
         link.watchdog.on_timeout = self._timed_out
-
-    def step(self) -> None:
-        """Broadcast the step, then run it as ``Engine.step`` does."""
-        plan = self.scheduler.schedule()
-        runner: RecordingRunner = self.runner  # type: ignore[assignment]
-        self.link.broadcast(Message(STEP, StepWork.from_plan(plan), runner.take_ops()).encode())
-        self.link.stats.steps += 1
-        result = self.runner.step(plan)
-        changed = self.scheduler.update(plan, result.tokens())
-        self.output.process(changed, result.samples)
-        self._collect(plan.released)
-        self.kv_cache_bytes = self.runner.store.nbytes
-        self.kv_cache_tokens = self.runner.store.tokens
-        self.steps += 1
 
     def _drain_inbox(self, block: bool) -> None:
         if block:  # idle: wait for work, pinging the other ranks meanwhile
