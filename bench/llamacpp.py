@@ -7,7 +7,7 @@
    (``pip download --no-binary :all: --no-deps llama-cpp-python``), with CMake:
    ``-DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF`` (the default UI
    fetch needs the network) ``-DLLAMA_OPENSSL=OFF``, under ``nice -n 10`` with ``--jobs``
-   (default 2) parallel compiles. ~20-40 min on a shared 2-core machine; done once.
+   (default 2) parallel compiles. 93 min on the shared 2-core machine under load; done once.
 2. **Convert** the bench checkpoint (``bench/make_checkpoint.py``: Qwen2-MoE, MLX layout) to
    the publisher layout (one tensor per expert) with ``norm_topk_prob: false`` in
    ``bench/checkpoints/qwen2_moe_publisher`` (stock llama.cpp qwen2moe does not renormalise
