@@ -122,7 +122,7 @@ class Settings(BaseSettings):
         512, ge=1, description="longest prompt slice prefilled for one sequence in one step"
     )
     prefill_step_ratio: float = Field(
-        2.0,
+        0.0,
         description="while streams decode, a step carrying prefill may take this multiple of "
         "the decodes alone (predicted from measured steps); 0: token budget only",
     )

@@ -12,12 +12,13 @@ One step, in order (`Scheduler.schedule`):
    their count alone exceeds `max_batched_tokens`: the budget limits prefill, never decodes,
    so a long prompt delays running streams by at most one chunk per step.
 3. Partly prefilled sequences continue, first come first served, each with a chunk of
-   `min(prefill_chunk, remaining_prefill, budget_left)` tokens. While some sequence decodes,
-   prefill is also limited by time: the step may take `prefill_step_ratio` times as long as
-   its decodes alone would, as predicted by a cost model learned from measured steps
-   (`server.engine.step_cost`; the engine reports each step through `observe`). The first
-   chunk of a step gets at least `MIN_TIMED_CHUNK` tokens, so prompts always progress. With
-   nothing decoding, prefill takes the whole token budget: no stream waits on it.
+   `min(prefill_chunk, remaining_prefill, budget_left)` tokens. With `prefill_step_ratio` set
+   (it is 0, off, by default) and some sequence decoding, prefill is also limited by time:
+   the step may take `prefill_step_ratio` times as long as its decodes alone would, as
+   predicted by a cost model learned from measured steps (`server.engine.step_cost`; the
+   engine reports each step through `observe`). The first chunk of a step gets at least
+   `MIN_TIMED_CHUNK` tokens, so prompts always progress. With nothing decoding, prefill
+   takes the whole token budget: no stream waits on it.
 4. Waiting requests are admitted FCFS while slots (`max_running`) and budget remain. A request
    with `n > 1` is admitted as a whole group or not at all; the queue head is never skipped,
    so a large group cannot be starved by smaller requests behind it.
@@ -65,7 +66,7 @@ class SchedulerConfig:
     max_model_len: int = 4096  # prompt + max_tokens limit of one sequence
     # A step carrying prefill beside decodes may take this multiple of the decodes alone
     # (predicted); 0 turns the time limit off (the token budget alone, as before issue 18).
-    prefill_step_ratio: float = 2.0
+    prefill_step_ratio: float = 0.0  # off by default: bench/RESULTS.md section 15
 
     def __post_init__(self) -> None:
         ratio = self.prefill_step_ratio

@@ -336,6 +336,6 @@ def test_scheduler_config() -> None:
     assert (config.max_running, config.max_waiting) == (3, 5)
     assert (config.max_batched_tokens, config.prefill_chunk) == (64, 16)
     assert config.max_model_len == 100
-    assert config.prefill_step_ratio == 2.0
-    assert Settings(prefill_step_ratio=0).scheduler_config(100).prefill_step_ratio == 0
+    assert config.prefill_step_ratio == 0.0
+    assert Settings(prefill_step_ratio=2).scheduler_config(100).prefill_step_ratio == 2
     assert Settings(max_model_len=50).scheduler_config(100).max_model_len == 50
