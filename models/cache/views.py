@@ -60,7 +60,7 @@ class _GroupStep:
             padded[b, len(g) :] = g[0]  # any slot of the row's own; masked out
         self.write = mx.array(np.concatenate(writes).astype(np.int32))
         self.gather = mx.array(padded.astype(np.int32))  # pool slots [B, S]
-        self._slots = padded
+        self._pool = store.pools[gi]
         self._by_heads: dict[int, mx.array] = {}
         self.mask = self._mask(rows, new, window, starts, counts, width)
 
@@ -89,11 +89,8 @@ class _GroupStep:
         Returns:
             The indices, made once per pass for each head count.
         """
-        if heads not in self._by_heads:
-            block, offset = self._slots // BLOCK, self._slots % BLOCK  # [B, S]
-            rows = (block * heads * BLOCK + offset)[:, None, :]
-            rows = rows + (np.arange(heads) * BLOCK)[None, :, None]
-            self._by_heads[heads] = mx.array(rows.astype(np.int32))
+        if heads not in self._by_heads:  # the pool's rows [B, S, H], heads leading
+            self._by_heads[heads] = self._pool.rows(heads, self.gather).swapaxes(1, 2)
         return self._by_heads[heads]
 
     @staticmethod
@@ -138,11 +135,16 @@ class LayerView:
         Returns:
             ``[B, H, S, D]`` each, right-padded per row (the mask hides the padding).
         """
+        group = self._write(tensors)
+        return tuple(self._step.store.read_heads(self.layer, group))
+
+    def _write(self, tensors: tuple[mx.array, ...]) -> Any:
+        """Store this pass's new positions (``[B, H, L, D]`` each); the group's ``_GroupStep``."""
         store = self._step.store
         group = self._step.groups[store.group_of[self.layer]]
-        flat = [t.transpose(0, 2, 1, 3).reshape(-1, *t.shape[1:2], t.shape[3]) for t in tensors]
+        flat = [t.transpose(0, 2, 1, 3).reshape(-1, t.shape[1], t.shape[3]) for t in tensors]
         store.write(self.layer, group.write, flat)  # [B * L, H, D] each
-        return tuple(store.read_heads(self.layer, group))
+        return group
 
     def update_and_page(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
         """``update_and_fetch`` for attention that hands both straight to ``backend.sdpa``.
@@ -163,8 +165,7 @@ class LayerView:
         group = self._step.groups[store.group_of[self.layer]]
         if group.blocks is None or store.layout.quant is not None:
             return self.update_and_fetch(keys, values)
-        flat = [t.transpose(0, 2, 1, 3).reshape(-1, t.shape[1], t.shape[3]) for t in (keys, values)]
-        store.write(self.layer, group.write, flat)
+        self._write((keys, values))
         arrays = store.pools[store.group_of[self.layer]].arrays[self.layer]
         return tuple(
             PagedKV(a, t.shape[1], BLOCK, group.blocks) for a, t in zip(arrays, (keys, values))
