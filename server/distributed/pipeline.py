@@ -25,12 +25,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from moeserve.models import backend
-from moeserve.models.cache import CacheKind, CacheLayout, CacheStore, SequenceCache, StepCache
-from moeserve.models.shard import PipelineShard, causal_lm
+from moeserve.models.cache import CacheLayout, CacheStore, SequenceCache, StepCache
+from moeserve.models.shard import PipelineShard
 from moeserve.server.distributed.link import Link
+from moeserve.server.distributed.rank_model import RankModel
 
 
-class PipelineModel(nn.Module):
+class PipelineModel(RankModel):
     """A rank's slice of the model, with the model protocol of ``models.base``.
 
     Args:
@@ -44,29 +45,8 @@ class PipelineModel(nn.Module):
     def __init__(
         self, model: nn.Module, shard: PipelineShard, link: Link, dtype: mx.Dtype, hidden_size: int
     ) -> None:
-        super().__init__()
-        self.inner = model
-        self._lm = causal_lm(model)[1]
-        self._shard, self._link, self._dtype, self._hidden = shard, link, dtype, hidden_size
-
-    @property
-    def args(self) -> Any:
-        """The family's ``ModelArgs``."""
-        return self._lm.args
-
-    @property
-    def model_type(self) -> str:
-        """The registered model type."""
-        return self._lm.model_type
-
-    @property
-    def layers(self) -> list[nn.Module]:
-        """This rank's decoder layers."""
-        return self._lm.layers
-
-    def cache_kinds(self) -> list[CacheKind]:
-        """What this rank's layers keep."""
-        return self._lm.cache_kinds()
+        super().__init__(model, link)
+        self._shard, self._dtype, self._hidden = shard, dtype, hidden_size
 
     def cache_dtype(self) -> mx.Dtype:
         """The activations' dtype (the same on every rank)."""

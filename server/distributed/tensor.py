@@ -20,9 +20,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from moeserve.models.cache import CacheKind, CacheLayout, SequenceCache
-from moeserve.models.shard import TensorShard, causal_lm
+from moeserve.models.cache import CacheLayout, SequenceCache
+from moeserve.models.shard import TensorShard
 from moeserve.server.distributed.link import Link
+from moeserve.server.distributed.rank_model import RankModel
 
 
 def _summing(module: nn.Module, link: Link) -> None:
@@ -50,7 +51,7 @@ def _local_experts(module: nn.Module, first: int, count: int) -> None:
     module.__class__ = type(f"Local{base.__name__}", (base,), {"__call__": call})
 
 
-class TensorModel(nn.Module):
+class TensorModel(RankModel):
     """A rank's tensor-parallel part, with the model protocol of ``models.base``.
 
     Args:
@@ -60,34 +61,12 @@ class TensorModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, shard: TensorShard, link: Link) -> None:
-        super().__init__()
-        self.inner = model
-        self._lm = causal_lm(model)[1]
-        self._link = link
+        super().__init__(model, link)
         modules = dict(model.named_modules())
         for path, (first, count) in shard.experts.items():
             _local_experts(modules[path], first, count)
         for path in shard.summed:
             _summing(modules[path], link)
-
-    @property
-    def args(self) -> Any:
-        """The family's ``ModelArgs``."""
-        return self._lm.args
-
-    @property
-    def model_type(self) -> str:
-        """The registered model type."""
-        return self._lm.model_type
-
-    @property
-    def layers(self) -> list[nn.Module]:
-        """The decoder layers (this rank's part of each)."""
-        return self._lm.layers
-
-    def cache_kinds(self) -> list[CacheKind]:
-        """What each layer keeps on this rank (its key/value heads)."""
-        return self._lm.cache_kinds()
 
     def cache_dtype(self) -> mx.Dtype:
         """The cache's element type."""
