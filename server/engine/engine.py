@@ -47,6 +47,7 @@ from moeserve.server.engine.grammar import GrammarCompiler, Matcher
 from moeserve.server.engine.output import OutputProcessor, RequestOutput
 from moeserve.server.engine.prompt_cache import Hit, PromptCache
 from moeserve.server.engine.runner import Runner
+from moeserve.server.engine.sampling import fresh_generator
 from moeserve.server.engine.scheduler import KVBudget, Scheduler, SchedulerConfig
 from moeserve.server.engine.sequence import Sequence
 from moeserve.server.text.tokenizer import Tokenizer
@@ -278,6 +279,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            fresh_generator()  # this thread's own noise, not every new thread's same sequence
             while not self._stopping:
                 self._drain_inbox(block=not self.scheduler.has_work)
                 if self.scheduler.has_work and not self._stopping:

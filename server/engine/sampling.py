@@ -6,6 +6,7 @@ This module knows about logits and token ids only: it never sees text, HTTP or t
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -362,6 +363,18 @@ def _gumbel_noise(
             draw = mx.take_along_axis(draw, ids[mx.array(seeded)], axis=-1)  # [S, M]
         noise[mx.array(seeded)] = draw
     return noise
+
+
+def fresh_generator() -> None:
+    """Seed the calling thread's random generator from the operating system's entropy.
+
+    Since MLX 0.32 every thread has its own generator, and each new thread's starts from the
+    same per-process key: two engines in one process (an engine restarted, two engines side by
+    side in a benchmark, the tests' in-process servers) would otherwise draw identical noise
+    for their unseeded rows. The engine thread calls this once, before its first step.
+    Seeded rows are unaffected: their keys come from ``row_key``.
+    """
+    mx.random.seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def row_key(seed: int, step: int, choice: int = 0) -> mx.array:

@@ -146,7 +146,8 @@ def test_completions_stream_error_mid_stream(failing, sse_payloads):
 
 def test_non_streaming_failure_is_500_then_503(failing):
     client = failing(3)
-    r = client.post(CHAT, json={"model": "tiny", "messages": USER, "max_tokens": 20})
+    body = {"model": "tiny", "messages": USER, "max_tokens": 20, "ignore_eos": True}
+    r = client.post(CHAT, json=body)
     assert r.status_code == 500
     _assert_envelope(r.json()["error"], "generation_failed")
     _assert_engine_down(client)

@@ -158,7 +158,8 @@ def failing(inprocess_server, tiny_model):
 
 def test_a_failure_mid_stream_ends_with_response_failed(failing):
     client = failing(6)  # prefill + 4 decodes succeed, then the fault
-    out = stream(client, {"input": "hello", "max_output_tokens": 50})
+    # Greedy: the fault, not an early end of the answer, must be what stops it.
+    out = stream(client, {"input": "hello", "max_output_tokens": 50, "temperature": 0})
     names = [name for name, _ in out]
     assert names[0] == "response.created" and names[-1] == "response.failed"
     assert "response.output_text.delta" in names
@@ -170,5 +171,6 @@ def test_a_failure_mid_stream_ends_with_response_failed(failing):
 
 def test_a_failure_without_streaming_is_a_500(failing):
     client = failing(3)
-    e = error(client.post(RESPONSES, json={"model": "tiny", "input": "hello"}), 500)
+    body = {"model": "tiny", "input": "hello", "temperature": 0}
+    e = error(client.post(RESPONSES, json=body), 500)
     assert e["code"] == "generation_failed" and "simulated device fault" in e["message"]
