@@ -89,7 +89,8 @@ def profile(model, rows: int, rounds: int, steps: int = 10) -> dict[str, float]:
 
     def write_only(self: LayerView, *tensors: mx.array) -> tuple[mx.array, ...]:
         flat = [t.transpose(0, 2, 1, 3).reshape(-1, t.shape[1], t.shape[3]) for t in tensors]
-        store.write(self.layer, current[-1].groups[0].write, flat)
+        group = current[-1].groups[0]
+        store.write(self.layer, [group.write_rows(t.shape[1]) for t in flat], flat)
         return tuple(layers[self.layer])
 
     def gather_only(self: LayerView, *tensors: mx.array) -> tuple[mx.array, ...]:

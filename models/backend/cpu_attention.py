@@ -22,9 +22,11 @@ S = keys, D = head dim (of queries and keys), E = value head dim (MLA's differs 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from moeserve.models.backend import fastmath
 from moeserve.models.backend.paged import PagedKV
@@ -91,7 +93,7 @@ def paged_decode(
     _, K, S, _ = k.shape
     G, N, block = H // K, k.blocks.shape[1], k.block
     pages = k.pages()  # [B, K, N]
-    rows = mx.broadcast_to(mx.arange(B * K, dtype=mx.uint32).reshape(B, K, 1), pages.shape)
+    rows, each = _query_indices(B, K, N)
     qg = (q * scale).reshape(B * K, G, D)
     scores = mx.gather_mm(qg, k.matrices().swapaxes(-1, -2), rows, pages)  # [B, K, N, G, blk]
     scores = scores.transpose(0, 1, 3, 2, 4).reshape(B, K, G, S)
@@ -107,9 +109,20 @@ def paged_decode(
         probs = mx.softmax(masked.astype(mx.float32), axis=-1)
     probs = probs.astype(v.dtype).reshape(B, K, G, N, block)
     probs = probs.transpose(0, 1, 3, 2, 4)  # [B, K, N, G, block]
-    each = mx.arange(B * K * N, dtype=mx.uint32).reshape(B, K, N)
     out = mx.gather_mm(probs.reshape(-1, G, block), v.matrices(), each, pages)  # [B,K,N,G,E]
     return out.sum(axis=2).reshape(B, H, 1, -1)
+
+
+@functools.lru_cache(maxsize=256)
+def _query_indices(B: int, K: int, N: int) -> tuple[mx.array, mx.array]:
+    """``paged_decode``'s left-hand indices, uint32 ``[B, K, N]``: query group, and (group, block).
+
+    Made from NumPy (no graph operations) and kept by shape: every layer of every decode
+    step at this batch and length needs the same two arrays.
+    """
+    groups = np.broadcast_to(np.arange(B * K, dtype=np.uint32).reshape(B, K, 1), (B, K, N))
+    each = np.arange(B * K * N, dtype=np.uint32).reshape(B, K, N)
+    return mx.array(np.ascontiguousarray(groups)), mx.array(each)
 
 
 def causal_blocks(

@@ -33,12 +33,16 @@ class PagedKV:
         block: Positions per block.
         blocks: int32 ``[B, N]``: each row's blocks in position order, padded with any block
             of the row's own (the mask hides the padding).
+        page_table: ``pages()`` made beforehand, or None to compute it here. A decode pass's
+            views make it once on the host for all the layers of a group: computed here it
+            is four graph operations per tensor and layer, each costing a few µs to run.
     """
 
     pool: mx.array
     heads: int
     block: int
     blocks: mx.array
+    page_table: mx.array | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -57,6 +61,8 @@ class PagedKV:
         Returns:
             uint32 ``[B, K, N]``: block ``blocks[b, n]``, head k.
         """
+        if self.page_table is not None:
+            return self.page_table
         heads = mx.arange(self.heads, dtype=mx.int32)[None, :, None]
         return (self.blocks[:, None, :] * self.heads + heads).astype(mx.uint32)
 

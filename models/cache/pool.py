@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 
 
 class Pool:
@@ -58,18 +59,22 @@ class Pool:
         """Whether units are blocks of positions, stored head-major (else one leading index)."""
         return self.unit > 1
 
-    def rows(self, lead: int, slots: mx.array) -> mx.array:
+    def rows(self, lead: int, slots: mx.array | np.ndarray) -> mx.array | np.ndarray:
         """Rows of a blocked ``[capacity × lead × unit, D]`` array holding ``slots``.
 
         Args:
             lead: The tensor's ``H`` (the product of its per-position shape but the last).
-            slots: Positions in the pool (``id × unit + offset``), any shape ``I``, int32.
+            slots: Positions in the pool (``id × unit + offset``), any shape ``I``, int32;
+                an MLX array, or a NumPy one (the views compute a pass's indices on the
+                host, once, rather than as graph operations in every layer).
 
         Returns:
-            int32 ``[*I, lead]``: row of head h of each slot.
+            int32 ``[*I, lead]`` of the same kind: row of head h of each slot.
         """
         block, offset = slots // self.unit, slots % self.unit
-        heads = mx.arange(lead, dtype=mx.int32) * self.unit
+        heads = np.arange(lead, dtype=np.int32) * self.unit
+        if isinstance(slots, mx.array):
+            heads = mx.array(heads)
         return (block * (lead * self.unit) + offset)[..., None] + heads
 
     def stored_shape(self, shape: tuple[int, ...], units: int) -> tuple[int, ...]:

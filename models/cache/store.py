@@ -97,17 +97,22 @@ class CacheStore:
             {i: tuple(t for _, t in arrays) for i, arrays in stored.items()},
         )
 
-    def write(self, layer: int, index: mx.array, values: list[mx.array]) -> None:
-        """Store a positional layer's tensors (``[N, H, D]`` each) at pool slots ``index``."""
-        pool = self.pools[self.group_of[layer]]
-        arrays = pool.arrays[layer]
+    def write(self, layer: int, rows: list[mx.array], values: list[mx.array]) -> None:
+        """Store a positional layer's tensors (``[N, H, D]`` each) at their pool rows.
+
+        Args:
+            layer: The layer.
+            rows: For each tensor, its rows ``[N, H]`` in the pool arrays (``Pool.rows`` of
+                the slots written; the views make them once per pass).
+            values: The tensors.
+        """
+        arrays = self.pools[self.group_of[layer]].arrays[layer]
         quant = self.layout.quant
-        for j, v in enumerate(values):
-            rows = pool.rows(v.shape[1], index)  # [N, H]
+        for j, (v, at) in enumerate(zip(values, rows)):
             if quant is None:
-                arrays[j][rows] = v
+                arrays[j][at] = v
             else:
-                quant.write(arrays[3 * j : 3 * j + 3], rows, v)
+                quant.write(arrays[3 * j : 3 * j + 3], at, v)
 
     def read(self, layer: int, index: mx.array) -> list[mx.array]:
         """A positional layer's tensors at pool slots ``index`` (shape ``I``): ``[*I, H, D]``."""
@@ -316,17 +321,15 @@ class CacheStore:
                 -(-length // BLOCK) - row.dropped[gi], self._limit(self.pools[gi])
             )
             start = row.dropped[gi] * BLOCK
-            idx = mx.array(self.slots(gi, row, start, length))
+            slots = np.asarray(self.slots(gi, row, start, length), dtype=np.int32)
             for i in group.layers:
                 offset = start - snap.starts[i]
-                self.write(
-                    i,
-                    idx,
-                    [
-                        t[0, :, offset : offset + length - start].transpose(1, 0, 2)
-                        for t in snap.layers[i]
-                    ],
-                )
+                parts = [
+                    t[0, :, offset : offset + length - start].transpose(1, 0, 2)
+                    for t in snap.layers[i]
+                ]
+                rows = [mx.array(self.pools[gi].rows(p.shape[1], slots)) for p in parts]
+                self.write(i, rows, parts)
         slot = mx.array([row.slot], dtype=mx.int32) if row.slot is not None else None
         for i in self.layout.recurrent if length else ():  # at 0: add's zero state is exact
             states = recurrent[i] if isinstance(recurrent, dict) else snap.layers[i]

@@ -58,11 +58,18 @@ class _GroupStep:
         for b, g in enumerate(gathers):
             padded[b, : len(g)] = g
             padded[b, len(g) :] = g[0]  # any slot of the row's own; masked out
-        self.write = mx.array(np.concatenate(writes).astype(np.int32))
-        self.gather = mx.array(padded.astype(np.int32))  # pool slots [B, S]
+        # Index arithmetic stays on the host: done once per pass here, it is one input array
+        # per layer, where MLX would run it as several small operations in every layer.
+        self._write = np.concatenate(writes).astype(np.int32)
+        self._gather = padded.astype(np.int32)  # pool slots [B, S]
         self._pool = store.pools[gi]
-        self._by_heads: dict[int, mx.array] = {}
+        self._memo: dict[tuple[str, int], mx.array] = {}
         self.mask = self._mask(rows, new, window, starts, counts, width)
+
+    @property
+    def gather(self) -> np.ndarray:
+        """The pool slots ``[B, S]`` each row's queries see (right-padded), on the host."""
+        return self._gather
 
     def _whole_blocks(self, gi: int, rows: list) -> tuple[list[np.ndarray], list[int]]:
         """Every held block of each row: the slots, and the position of each row's first."""
@@ -71,6 +78,7 @@ class _GroupStep:
         for b, t in enumerate(tables):
             blocks[b, : len(t)] = t
             blocks[b, len(t) :] = t[0]
+        self._blocks = blocks
         self.blocks = mx.array(blocks)
         gathers = [(t[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1) for t in tables]
         return gathers, [r.dropped[gi] * BLOCK for r in rows]
@@ -89,9 +97,40 @@ class _GroupStep:
         Returns:
             The indices, made once per pass for each head count.
         """
-        if heads not in self._by_heads:  # the pool's rows [B, S, H], heads leading
-            self._by_heads[heads] = self._pool.rows(heads, self.gather).swapaxes(1, 2)
-        return self._by_heads[heads]
+        key = ("gather", heads)
+        if key not in self._memo:  # the pool's rows [B, S, H], heads leading
+            self._memo[key] = mx.array(self._pool.rows(heads, self._gather).swapaxes(1, 2))
+        return self._memo[key]
+
+    def write_rows(self, heads: int) -> mx.array:
+        """Rows ``[B × L, H]`` of the pool arrays that this pass's new positions go to.
+
+        Args:
+            heads: H of the tensor.
+
+        Returns:
+            int32 indices, made once per pass for each head count.
+        """
+        key = ("write", heads)
+        if key not in self._memo:
+            self._memo[key] = mx.array(self._pool.rows(heads, self._write))
+        return self._memo[key]
+
+    def page_table(self, heads: int) -> mx.array:
+        """``PagedKV.pages()`` for this decode pass: uint32 ``[B, H, N]`` (made once per H).
+
+        Args:
+            heads: H of the tensor.
+
+        Returns:
+            Index of head h of block ``blocks[b, n]`` in ``pool.reshape(-1, BLOCK, D)``.
+        """
+        key = ("pages", heads)
+        if key not in self._memo:
+            per_head = np.arange(heads, dtype=np.int64)[None, :, None]
+            table = self._blocks[:, None, :].astype(np.int64) * heads + per_head
+            self._memo[key] = mx.array(table.astype(np.uint32))
+        return self._memo[key]
 
     @staticmethod
     def _mask(rows, new, window, starts, counts, width):
@@ -143,7 +182,7 @@ class LayerView:
         store = self._step.store
         group = self._step.groups[store.group_of[self.layer]]
         flat = [t.transpose(0, 2, 1, 3).reshape(-1, t.shape[1], t.shape[3]) for t in tensors]
-        store.write(self.layer, group.write, flat)  # [B * L, H, D] each
+        store.write(self.layer, [group.write_rows(t.shape[1]) for t in flat], flat)
         return group
 
     def update_and_page(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
@@ -168,7 +207,8 @@ class LayerView:
         self._write((keys, values))
         arrays = store.pools[store.group_of[self.layer]].arrays[self.layer]
         return tuple(
-            PagedKV(a, t.shape[1], BLOCK, group.blocks) for a, t in zip(arrays, (keys, values))
+            PagedKV(a, t.shape[1], BLOCK, group.blocks, group.page_table(t.shape[1]))
+            for a, t in zip(arrays, (keys, values))
         )
 
     @property

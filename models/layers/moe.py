@@ -47,7 +47,10 @@ def softmax_topk(
     probs = mx.softmax(logits.astype(mx.float32), axis=-1)  # [T, E]
     inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]  # [T, A]
     weights = mx.take_along_axis(probs, inds, axis=-1)  # [T, A]
-    if renormalize_p is not None:
+    if renormalize_p == 1.0:  # the common case, in two operations: bitwise the same result,
+        # since the weights are probabilities (|w| = w) and x ** 1 is x exactly
+        weights = weights / mx.sum(weights, axis=-1, keepdims=True)
+    elif renormalize_p is not None:
         norm = mx.sum(mx.abs(weights) ** renormalize_p, axis=-1, keepdims=True) ** (
             1 / renormalize_p
         )
