@@ -300,20 +300,37 @@ def model_fingerprint(served: ServedModel, dtype: str | None) -> str:
     Returns:
         A hex digest.
     """
-    digest = hashlib.sha256(json.dumps(served.loaded.config, sort_keys=True).encode())
+    return weights_fingerprint(served.loaded, dtype)
+
+
+def weights_fingerprint(loaded: LoadedModel, dtype: str | None) -> str:
+    """``model_fingerprint`` of a loaded model (a distributed rank other than 0 has no more).
+
+    Args:
+        loaded: The loaded model (every rank of a distributed server: the same checkpoint).
+        dtype: The dtype the weights were loaded in.
+
+    Returns:
+        A hex digest.
+    """
+    digest = hashlib.sha256(json.dumps(loaded.config, sort_keys=True).encode())
     digest.update(str(dtype).encode())
-    for file in weight_files(served.loaded.path):
+    for file in weight_files(loaded.path):
         with file.open("rb") as f:
             digest.update(f.read(1 << 20))  # header + first tensors: cheap, and weight-specific
     return digest.hexdigest()[:32]
 
 
 def _prompt_cache(settings: Settings, served: ServedModel) -> PromptCache:
+    directory = settings.prompt_cache_dir
+    fingerprint = model_fingerprint(served, settings.resolved_dtype())
+    if settings.distributed:  # rank 0's part of each session, in its own directory
+        directory, fingerprint = distributed.prompt_cache_files(settings, fingerprint)
     config = PromptCacheConfig(
         max_bytes=settings.prompt_cache_max_bytes,
         ttl_seconds=settings.prompt_cache_ttl_seconds,
-        directory=settings.prompt_cache_dir,
-        fingerprint=model_fingerprint(served, settings.resolved_dtype()),
+        directory=directory,
+        fingerprint=fingerprint,
     )
     return PromptCache(config, encode=kv_io.tensors, load=kv_io.load)
 
@@ -366,7 +383,6 @@ def build_runtime(settings: Settings) -> Runtime:
             DistributedEngine,
             link=distributed.link(),
             heartbeat=settings.distributed_timeout_seconds / 4,
-            prefix_reuse=distributed.prefix_reuse_safe(settings.distributed),
         )
     engine = engine_class(
         served.loaded.model,

@@ -10,11 +10,19 @@ the prompt cache), with two changes (``DistributedEngine``):
   0 alone; the tokens it chose reach the others as the next step's decode tokens.
 - the runner (``RecordingRunner``) notes each prompt-cache snapshot and adoption under a key
   that the other ranks use for their own part of the entry; when rank 0's entry is gone (its
-  snapshot is garbage-collected) a ``drop`` goes out too. A hit whose entry has no key (none
-  should: disk persistence is refused in distributed mode) is treated as a miss.
+  snapshot is garbage-collected) a ``drop`` goes out too. With ``--prompt-cache-dir``, the
+  prompt cache tells the engine of each session file it queues or deletes, and the other
+  ranks write or delete their part under the same name (``rank_cache``).
+- where the answer depends on every rank, rank 0 asks (``ask``: an ``ask`` message, then
+  ``Link.gather_ints``): loading a session from disk is a hit only if every rank loaded its
+  part (else a miss on every rank), and a hit resumes at the longest prefix that every rank's
+  layers can resume (a recurrent layer only at the turn boundaries it saved, a sliding one
+  only while it holds the window), agreed in as many rounds as it takes (usually one).
 
 While idle, rank 0 sends a ``ping`` every ``heartbeat`` seconds, so a dead rank is noticed
-without a request, and the others' wait for the next message can time out too. When rank 0's
+without a request, and the others' wait for the next message can time out too; operations
+left by the last step (a session's ``save``) or by an admin route (a ``delete``) go out at
+once in a ping of their own rather than with the next step. When rank 0's
 engine fails (a collective raised: a peer is gone) it fails every stream as a single engine
 does, logs which rank is exiting, and stops the process (``Link``'s exit path). It knows
 the engine's and the runner's seams; it does not know HTTP.
@@ -30,17 +38,19 @@ import signal
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
 from moeserve.models.cache import Snapshot
 from moeserve.server.distributed.link import EXIT_GRACE_SECONDS, STARTUP_SECONDS, Link
-from moeserve.server.distributed.wire import PING, STEP, STOP, Message
+from moeserve.server.distributed.rank_cache import RankEntries, tokens_digest
+from moeserve.server.distributed.wire import ASK, PING, STEP, STOP, Message
+from moeserve.server.engine import kv_io
 from moeserve.server.engine.engine import Engine
 from moeserve.server.engine.events import GenerationRequest
-from moeserve.server.engine.prompt_cache import Hit
+from moeserve.server.engine.prompt_cache import Entry, Hit
 from moeserve.server.engine.runner import Runner, StepResult, StepWork
 from moeserve.server.engine.scheduler import StepPlan
 from moeserve.server.engine.sequence import Sequence
@@ -86,11 +96,22 @@ class RecordingRunner(Runner):
         """``Runner.snapshot``, keyed so that every rank keeps its own part of it."""
         snap = super().snapshot(seq_id)
         if snap is not None:
-            key = next(self._keys)
-            snap.dist_key = key  # type: ignore[attr-defined]
-            weakref.finalize(snap, self.dropped.append, key)
-            self.ops.append(["snap", seq_id, key])
+            self.ops.append(["snap", seq_id, self.key(snap)])
         return snap
+
+    def key(self, snap: Snapshot) -> int:
+        """Give an entry's snapshot the key the other ranks file their part under.
+
+        Args:
+            snap: Rank 0's part (taken or loaded from disk).
+
+        Returns:
+            The key; a ``drop`` of it goes out once ``snap`` is garbage-collected.
+        """
+        key = next(self._keys)
+        snap.dist_key = key  # type: ignore[attr-defined]
+        weakref.finalize(snap, self.dropped.append, key)
+        return key
 
     def adopt_prefix(self, seq: Sequence, snap: Snapshot) -> None:
         """``Runner.adopt_prefix``; the other ranks adopt their part of the same entry."""
@@ -112,13 +133,10 @@ class DistributedEngine(Engine):
         *args: As ``Engine``.
         link: The group.
         heartbeat: Idle seconds between pings.
-        prefix_reuse: Resume prompt-cache hits (``launch.prefix_reuse_safe``); else recompute.
         **kwargs: As ``Engine`` (``runner`` is made here).
     """
 
-    def __init__(
-        self, *args: Any, link: Link, heartbeat: float, prefix_reuse: bool = True, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, link: Link, heartbeat: float, **kwargs: Any) -> None:
         model = args[0]
         runner = RecordingRunner(
             model,
@@ -127,34 +145,93 @@ class DistributedEngine(Engine):
             kv_bits=kwargs.get("kv_cache_bits"),
         )
         super().__init__(*args, runner=runner, **kwargs)
+        self.runner: RecordingRunner = runner
         self.link = link
         self.heartbeat = heartbeat
-        self.prefix_reuse = prefix_reuse
         link.watchdog.on_timeout = self._timed_out
+        if self.prompt_cache is not None:  # the other ranks follow its files
+            self.prompt_cache.load = self._load_entry
+            self.prompt_cache.saved = self._saved
+            self.prompt_cache.discarded = self._discarded
+
+    def ask(self, question: list[Any], mine: int) -> list[int]:
+        """Put a question (``wire``) to every rank, with the operations still to send first.
+
+        Args:
+            question: ``("load", ...)`` or ``("usable", ...)``.
+            mine: Rank 0's own answer.
+
+        Returns:
+            Every rank's answer, by rank.
+        """
+        ops = [*self.runner.take_ops(), question]
+        self.link.broadcast(Message(ASK, ops=ops).encode())
+        rows = self.link.gather_ints([mine], "the answer to a prompt-cache question", None)
+        return [row[0] for row in rows]
 
     def _drain_inbox(self, block: bool) -> None:
         if block:  # idle: wait for work, pinging the other ranks meanwhile
+            self._send_ops()
             try:
                 self._handle(self._inbox.get(timeout=self.heartbeat))
             except queue.Empty:
-                self.link.broadcast(Message(PING).encode())
+                self.link.broadcast(Message(PING, ops=self.runner.take_ops()).encode())
                 return
         super()._drain_inbox(block=False)
 
+    def _send_ops(self) -> None:
+        """Send what the last step or an admin route left, not waiting for the next step."""
+        ops = self.runner.take_ops()
+        if ops:
+            self.link.broadcast(Message(PING, ops=ops).encode())
+
     def _lookup(self, request: GenerationRequest) -> Hit | None:
-        if not self.prefix_reuse:
-            return None
         hit = super()._lookup(request)
         if hit is not None and getattr(hit.entry.kv, "dist_key", None) is None:
             self._release(hit)  # an entry the other ranks never saw: recompute instead
             return None
         return hit
 
+    def _reusable(self, hit: Hit, shared: int) -> int:
+        """The longest prefix every rank can resume: asked until every rank agrees.
+
+        A rank answers at most what it was asked; the smallest answer is asked again until
+        every rank gives it back (a sliding layer may refuse a shorter prefix it would take).
+        """
+        key, length = hit.entry.kv.dist_key, shared
+        while True:
+            answers = self.ask(["usable", key, length], super()._reusable(hit, length))
+            length = min(answers)
+            if max(answers) == length:
+                return length
+
+    def _load_entry(self, path: Path) -> tuple[list[int], Snapshot, int, dict[str, str]]:
+        """``PromptCache.load``: rank 0's part, then every other rank's, or a miss for all.
+
+        Raises:
+            LookupError: A rank could not load its part (the prompt cache logs a miss).
+        """
+        tokens, snap, nbytes, meta = kv_io.load(path)
+        question = ["load", self.runner.key(snap), path.name, tokens_digest(tokens)]
+        answers = self.ask(question, 1)
+        if min(answers) == 0:
+            missing = [rank for rank, ok in enumerate(answers) if not ok]
+            raise LookupError(f"rank(s) {missing} could not load their part")
+        return tokens, snap, nbytes, meta
+
+    def _saved(self, entry: Entry, path: Path) -> None:
+        """``PromptCache.saved``: the other ranks write their part under the same name."""
+        self.runner.ops.append(["save", entry.kv.dist_key, path.name, entry.tokens])
+
+    def _discarded(self, path: Path) -> None:
+        """``PromptCache.discarded``: the other ranks delete their part too."""
+        self.runner.ops.append(["delete", path.name])
+
     def _run(self) -> None:
         super()._run()
         if self.error is None:
-            try:  # a clean stop: let the other ranks leave their loop too
-                self.link.broadcast(Message(STOP).encode())
+            try:  # a clean stop: let the other ranks leave their loop too (shutdown's saves)
+                self.link.broadcast(Message(STOP, ops=self.runner.take_ops()).encode())
             except Exception:
                 logger.exception("rank 0: could not tell the other ranks to stop")
             logger.info("%s", self.link.stats.describe(0))
@@ -181,25 +258,25 @@ def _exit_soon() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-@dataclass
-class _Adopting:
-    """What ``Runner.adopt_prefix`` reads of a sequence."""
-
-    seq_id: str
-    num_computed: int
-
-
-def follow(runner: Runner, link: Link) -> int:
+def follow(runner: Runner, link: Link, cache: RankEntries | None = None) -> int:
     """A rank other than 0: replay rank 0's steps on this rank's shard until told to stop.
 
     Args:
         runner: A runner over this rank's part of the model.
         link: The group.
+        cache: This rank's part of the prompt cache (default: in memory only).
 
     Returns:
         The process exit status (0: rank 0 stopped cleanly; 1: the group failed).
     """
-    entries: dict[int, Snapshot] = {}
+    cache = cache or RankEntries(runner)
+    try:
+        return _follow(runner, link, cache)
+    finally:
+        cache.close()
+
+
+def _follow(runner: Runner, link: Link, cache: RankEntries) -> int:
     wait: float | None = STARTUP_SECONDS  # rank 0 may still be starting its HTTP server
     while True:
         try:
@@ -208,30 +285,28 @@ def follow(runner: Runner, link: Link) -> int:
         except RuntimeError as e:  # a peer closed its sockets: rank 0 is gone or failing
             logger.error("rank %d: lost the group (%s); exiting", link.rank, e)
             return 1
+        try:
+            _replay(runner, link, message, cache)
+        except Exception as e:  # the ranks no longer agree; rank 0 fails when this one leaves
+            logger.exception("rank %d: a step failed (%s); exiting", link.rank, e)
+            return 1
         if message.kind == STOP:
             logger.info("rank %d: rank 0 stopped; exiting", link.rank)
             logger.info("%s", link.stats.describe(link.rank))
             return 0
-        try:
-            _replay(runner, message, entries)
-        except Exception as e:  # the ranks no longer agree; rank 0 fails when this one leaves
-            logger.exception("rank %d: a step failed (%s); exiting", link.rank, e)
-            return 1
         if message.kind == STEP:
             link.stats.steps += 1
 
 
-def _replay(runner: Runner, message: Message, entries: dict[int, Snapshot]) -> None:
-    """Repeat rank 0's prompt-cache operations, then run the step's passes."""
-    for op in message.ops:
-        if op[0] == "snap":
-            snap = runner.snapshot(op[1])
-            if snap is not None:
-                entries[op[2]] = snap
-        elif op[0] == "adopt":
-            runner.adopt_prefix(_Adopting(op[1], op[3]), entries[op[2]])  # type: ignore[arg-type]
-        elif op[0] == "drop":
-            entries.pop(op[1], None)
-    if message.kind == STEP:
+def _replay(runner: Runner, link: Link, message: Message, cache: RankEntries) -> None:
+    """Repeat rank 0's prompt-cache operations, then run the step's passes or answer."""
+    ops = message.ops[:-1] if message.kind == ASK else message.ops
+    for op in ops:
+        cache.apply(op)
+    if message.kind == ASK:
+        question = message.ops[-1]
+        rows = link.gather_ints([cache.answer(question)], "the answers to rank 0", None)
+        cache.settle(question, [row[0] for row in rows])
+    elif message.kind == STEP:
         outputs, _ = runner.forward(message.work)
         mx.eval(outputs)

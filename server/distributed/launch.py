@@ -10,27 +10,38 @@ every other rank calls ``run_follower``, which loads its part the same way and r
 ``attach`` is the startup handshake (after every rank loaded): each rank reports its layers
 or experts and its weight bytes, and rank 0 reports the activations' dtype and the hidden
 size that pipeline hand-offs need. ``summary`` turns the reports into the startup line.
+``prompt_cache_files`` says where each rank keeps its part of the persisted prompt cache.
+
+A rank other than 0 given SIGTERM (``mlx.launch`` and process-group kills signal every rank)
+stays until rank 0's ``stop``, which carries the session files rank 0 saved while it
+drained, and writes its queued files before it leaves; if no ``stop`` comes within
+``SIGTERM_GRACE_SECONDS`` it leaves anyway.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from moeserve.models.cache import CacheLayout
 from moeserve.models.loader import LoadedModel, load
 from moeserve.models.shard import PipelineShard, Shard, causal_lm
 from moeserve.server.distributed.link import Link, init_group
+from moeserve.server.distributed.rank_cache import RankEntries, rank_files
 from moeserve.server.settings import Settings
-from moeserve.server.settings_sources import SettingsError
 
 logger = logging.getLogger("moeserve.distributed")
 
 _DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+# How long a rank other than 0 waits for rank 0's stop after a SIGTERM.
+SIGTERM_GRACE_SECONDS = 30.0
 _LINK: Link | None = None  # this process's group (set once by ``join``)
 _REPORTS: list[list[int]] = []  # every rank's handshake report, by rank
 
@@ -45,16 +56,9 @@ def join(settings: Settings) -> Link:
         The link.
 
     Raises:
-        SettingsError: A setting the distributed server does not support.
         RuntimeError: Not started by ``mlx.launch`` with two or more ranks.
     """
     global _LINK
-    if settings.prompt_cache and settings.prompt_cache_dir is not None:
-        raise SettingsError(
-            "prompt_cache_dir is not supported with --distributed (each rank would need its "
-            "own files); leave it unset, the prompt cache still works in memory",
-            ("prompt_cache_dir", "distributed"),
-        )
     _LINK = Link(init_group(), timeout=settings.distributed_timeout_seconds)
     return _LINK
 
@@ -110,9 +114,7 @@ def attach(loaded: LoadedModel, shard: Shard) -> nn.Module:
         dtype_code = _DTYPES.index(lm.cache_dtype())
         hidden = lm.stack[lm.stack.names.norm].weight.shape[-1]
     first, last, experts = _extent(shard)
-    recurrent = int(bool(CacheLayout(lm.cache_kinds(), 4).recurrent))
     mine = [first, last, experts, _weight_bytes(loaded.model), os.getpid(), dtype_code, hidden]
-    mine.append(recurrent)
     _REPORTS[:] = group.gather_ints(mine)
     dtype, hidden = _DTYPES[_REPORTS[0][5]], _REPORTS[0][6]
     if isinstance(shard, PipelineShard):
@@ -124,20 +126,21 @@ def attach(loaded: LoadedModel, shard: Shard) -> nn.Module:
     return TensorModel(loaded.model, shard, group)
 
 
-def prefix_reuse_safe(mode: str) -> bool:
-    """Whether every rank can resume a prompt-cache entry at the length rank 0 chooses.
-
-    Rank 0 picks the reusable length from its own layers; in pipeline mode another rank's
-    recurrent layers (exact only at the turn boundaries they saved) might not resume there,
-    so a model with recurrent layers recomputes instead. Tensor ranks hold the same kinds.
+def prompt_cache_files(settings: Settings, fingerprint: str) -> tuple[Path | None, str]:
+    """This rank's prompt-cache directory and fingerprint (``rank_cache.rank_files``).
 
     Args:
-        mode: ``pipeline`` or ``tensor``.
+        settings: With ``distributed`` set.
+        fingerprint: The model's (``startup.weights_fingerprint``).
 
     Returns:
-        True when hits may be reused.
+        ``(directory, fingerprint)``; the directory is None without ``prompt_cache_dir``.
     """
-    return mode == "tensor" or not any(report[7] for report in _REPORTS)
+    group = link()
+    if not settings.prompt_cache or settings.prompt_cache_dir is None:
+        return None, fingerprint
+    mode = settings.distributed or ""
+    return rank_files(settings.prompt_cache_dir, fingerprint, mode, group.rank, group.size)
 
 
 def _extent(shard: Shard) -> tuple[int, int, int]:
@@ -181,7 +184,7 @@ def run_follower(settings: Settings) -> int:
     from moeserve.devtools.demo import demo_model_dir
     from moeserve.server.distributed.engine import follow
     from moeserve.server.engine.runner import Runner
-    from moeserve.server.startup import apply_compute_settings
+    from moeserve.server.startup import apply_compute_settings, weights_fingerprint
 
     group = link()
     apply_compute_settings(settings)
@@ -191,4 +194,21 @@ def run_follower(settings: Settings) -> int:
     model = attach(loaded, shard)
     logger.info("rank %d: %s", group.rank, summary(settings.distributed or ""))
     runner = Runner(model, kv_bits=settings.kv_cache_bits)
-    return follow(runner, group)
+    directory, fingerprint = None, ""
+    if settings.prompt_cache and settings.prompt_cache_dir is not None:
+        fingerprint = weights_fingerprint(loaded, settings.resolved_dtype())
+        directory, fingerprint = prompt_cache_files(settings, fingerprint)
+    cache = RankEntries(runner, directory, fingerprint, settings.prompt_cache_max_bytes)
+    signal.signal(signal.SIGTERM, _stay_for_stop)
+    return follow(runner, group, cache)
+
+
+def _stay_for_stop(signum: int, frame: object) -> None:
+    """SIGTERM on a rank other than 0: wait for rank 0's stop, but not for ever."""
+
+    def leave() -> None:
+        time.sleep(SIGTERM_GRACE_SECONDS)
+        logger.warning("rank %d: no stop from rank 0 after SIGTERM; exiting", link().rank)
+        os._exit(1)
+
+    threading.Thread(target=leave, daemon=True).start()

@@ -3,11 +3,12 @@
 ``Link`` wraps the ``mlx.core.distributed`` group that ``mlx.launch`` set up (ring over TCP,
 or JACCL over Thunderbolt where present). Rank 0 broadcasts each step's message
 (``broadcast``): a length, then the bytes, each as an int32 ``all_sum`` to which the other
-ranks add zeros, so the collective every backend has carries it. Every collective runs under
-the ``Watchdog``: one that has not returned after ``timeout`` seconds (a rank died without
-closing its sockets, a cable was pulled) ends the process with a message naming this rank,
-since a collective cannot be interrupted. A peer that closed its sockets fails the
-collective at once (MLX raises); the caller turns that into the same exit.
+ranks add zeros, so the collective every backend has carries it; ``gather_ints`` brings
+every rank's answer back (the startup handshake, rank 0's prompt-cache questions). Every
+collective runs under the ``Watchdog``: one that has not returned after ``timeout`` seconds
+(a rank died without closing its sockets, a cable was pulled) ends the process with a
+message naming this rank, since a collective cannot be interrupted. A peer that closed its
+sockets fails the collective at once (MLX raises); the caller turns that into the same exit.
 
 It also counts what crossed (``LinkStats``) for the benchmark. It knows bytes and arrays,
 not plans, models or HTTP.
@@ -190,18 +191,27 @@ class Link:
         self.stats.message_bytes += sent
         return out
 
-    def gather_ints(self, values: list[int]) -> list[list[int]]:
-        """Every rank's list of ints (of one length), by rank: the startup handshake.
+    def gather_ints(
+        self,
+        values: list[int],
+        what: str = "the startup handshake",
+        timeout: float | None = STARTUP_SECONDS,
+    ) -> list[list[int]]:
+        """Every rank's list of ints (of one length), by rank.
+
+        The startup handshake and the answers to rank 0's prompt-cache questions.
 
         Args:
             values: This rank's values (int64).
+            what: Named if it times out.
+            timeout: Seconds it may take. The default fits the handshake: the ranks finish
+                loading at different times, so it is bounded by ``STARTUP_SECONDS``, not by
+                the step timeout (None: the link's).
 
         Returns:
             ``size`` lists.
         """
-        # The ranks finish loading at different times: bounded by STARTUP_SECONDS, not by the
-        # step timeout.
-        with self.collective("the startup handshake", STARTUP_SECONDS):
+        with self.collective(what, timeout):
             row = mx.array(values, dtype=mx.int64)[None]
             out = mx.distributed.all_gather(row, group=self.group)
             mx.eval(out)

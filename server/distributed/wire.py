@@ -9,10 +9,23 @@ happened on rank 0 since the last message, in order:
   its own part in the prompt cache);
 - ``("adopt", seq_id, key, length)``: start this sequence from entry ``key``'s first
   ``length`` positions (a prompt-cache hit);
-- ``("drop", key)``: entry ``key`` left rank 0's prompt cache.
+- ``("drop", key)``: entry ``key`` left rank 0's prompt cache;
+- ``("save", key, name, tokens)``: write this rank's part of entry ``key`` (covering
+  ``tokens``) to file ``name`` in this rank's prompt-cache directory (rank 0 queued its own);
+- ``("delete", name)``: delete this rank's file ``name`` (rank 0 deleted its own).
 
 Admissions, aborts and preemptions need no operation of their own: they show up as chunks
-and leavers. ``kind`` is ``step``, ``ping`` (idle: proves the ranks alive) or ``stop``.
+and leavers. ``kind`` is ``step``, ``ping`` (idle: proves the ranks alive; it also carries
+operations that must not wait for the next step), ``stop`` (with the last operations), or
+``ask``: the last operation is then a question that every rank answers with one int, which
+rank 0 collects with ``Link.gather_ints`` right after the broadcast:
+
+- ``("load", key, name, digest)``: read this rank's part of a session from file ``name``
+  into entry ``key``; 1 if it is there and covers the tokens ``digest`` names, else 0. A rank
+  keeps it only if every rank answered 1 (else the hit is a miss everywhere);
+- ``("usable", key, length)``: the longest prefix of at most ``length`` positions that this
+  rank's layers can resume from entry ``key`` (0 if it holds no such entry).
+
 JSON keeps it readable in a log; a step's message is a few hundred bytes plus its tokens.
 """
 
@@ -24,7 +37,7 @@ from typing import Any
 
 from moeserve.server.engine.runner import ChunkWork, StepWork
 
-STEP, PING, STOP = "step", "ping", "stop"
+STEP, PING, STOP, ASK = "step", "ping", "stop", "ask"
 
 
 @dataclass

@@ -365,8 +365,7 @@ class Engine:
             hit = self._lookup(req)
             reuse = 0
             if hit is not None:  # what this model's cache kinds can resume, below the prompt
-                shared = min(hit.length, len(req.prompt_ids) - 1)
-                reuse = self.runner.store.usable_length(hit.entry.kv, shared)
+                reuse = self._reusable(hit, min(hit.length, len(req.prompt_ids) - 1))
             for seq in seqs:
                 seq.num_cached = reuse
             self.scheduler.add(seqs)
@@ -395,6 +394,13 @@ class Engine:
         except Exception:
             logger.exception("prompt-cache lookup failed for %s; no reuse", request.request_id)
             return None
+
+    def _reusable(self, hit: Hit, shared: int) -> int:
+        """How many of a hit's ``shared`` positions the cache can resume.
+
+        A distributed rank 0 asks every rank: their layers may hold other kinds.
+        """
+        return self.runner.store.usable_length(hit.entry.kv, shared)
 
     def _release(self, hit: Hit | None) -> None:
         """Unpin a prompt-cache hit; a failure there (eviction, a write) costs no request."""

@@ -127,12 +127,17 @@ class PromptCache:
         encode: Turns an entry's KV into plain tensors for a file (the engine's
             ``kv_io.tensors``; it runs on the engine thread).
         load: Reads a file back into ``(tokens, kv, nbytes, metadata)``.
+        saved: Told of each session file queued for writing, with its entry (a distributed
+            rank 0 has the other ranks write their part of it under the same name).
+        discarded: Told of each session file deleted (the other ranks delete theirs).
     """
 
     config: PromptCacheConfig
     clock: Callable[[], float] = time.monotonic
     encode: Callable[[KV], dict[str, Tensor]] | None = None
     load: Callable[[Path], tuple[list[int], KV, int, dict[str, str]]] | None = None
+    saved: Callable[[Entry, Path], None] | None = None
+    discarded: Callable[[Path], None] | None = None
     entries: dict[EntryId, Entry] = field(default_factory=dict)
     _disk: dict[EntryId, Entry] | None = None  # persisted sessions, indexed lazily
     _writer: Writer | None = field(default=None, init=False, repr=False)
@@ -355,9 +360,15 @@ class PromptCache:
         for i in gone:
             self.entries.pop(i, None)
             on_disk = disk.pop(i, None)
-            if on_disk is not None and on_disk.path is not None and self._writer is not None:
-                self._writer.discard(on_disk.path)
+            if on_disk is not None and on_disk.path is not None:
+                self._discard(on_disk.path)
         return len(gone)
+
+    def _discard(self, path: Path) -> None:
+        if self._writer is not None:
+            self._writer.discard(path)
+            if self.discarded is not None:
+                self.discarded(path)
 
     def _file(self, scope: str, key: str) -> Path:
         return self.config.directory / f"{digest(scope, key)[:32]}.safetensors"
@@ -386,8 +397,10 @@ class PromptCache:
         index = self._disk_index()
         old = index.get(entry.id)
         if old is not None and old.path not in (None, path):
-            self._writer.discard(old.path)  # a file of the same session under an older name
+            self._discard(old.path)  # a file of the same session under an older name
         entry.path = path
+        if self.saved is not None:
+            self.saved(entry, path)
         index[entry.id] = Entry(
             entry.key,
             entry.tokens,
