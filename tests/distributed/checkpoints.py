@@ -24,6 +24,10 @@ from moeserve.server.text.tokenizer import Tokenizer
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 ORIGINAL_FAMILIES = ["qwen2_moe", "glm4_moe", "bailing_moe", "granitemoe", "dbrx"]
 NEWER_FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "minimax_m2", "gpt_oss"]
+# Hybrids of attention and recurrent (linear-attention) layers, MLA, and two checkpoints
+# whose language model sits in text_config.
+NEWEST_FAMILIES = ["qwen3_next", "qwen3_5_moe", "glm4_moe_lite", "kimi_k25"]
+FAMILIES = ORIGINAL_FAMILIES + NEWER_FAMILIES + NEWEST_FAMILIES
 
 
 def _init(name: str, shape: tuple[int, ...]) -> mx.array:
@@ -48,9 +52,13 @@ def family_checkpoint(family: str, out: Path, seed: int = 3) -> Path:
     tokenizer = Tokenizer.from_dir(out)
     config = json.loads((FIXTURES / f"{family}_a" / "hf" / "config.json").read_text())
     config = {k: v for k, v in config.items() if k != "quantization_config"}
-    config["vocab_size"] = tokenizer.vocab_size
-    config["eos_token_id"] = tokenizer.backend.token_to_id("<|im_end|>")
-    config["max_position_embeddings"] = max(config.get("max_position_embeddings", 0), 1024)
+    # A multimodal checkpoint (qwen3_5_moe, kimi_k25) keeps its language model's settings
+    # in text_config, which is what the model is built from: both levels get the tokenizer's.
+    for level in (config, config.get("text_config")):
+        if level is not None:
+            level["vocab_size"] = tokenizer.vocab_size
+            level["eos_token_id"] = tokenizer.backend.token_to_id("<|im_end|>")
+            level["max_position_embeddings"] = max(level.get("max_position_embeddings", 0), 1024)
     config["torch_dtype"] = "float32"
     mx.random.seed(seed)
     model, _ = build_model(config)

@@ -1,10 +1,12 @@
 """Two ranks on loopback serve what one process serves, through the HTTP API (issue 17).
 
-For each family, a battery of temperature-0 requests (completions, a streamed chat, a chat
-with ``n=2``, a JSON-schema-constrained chat, and a second turn that hits the prompt cache)
-runs against one process and against ``--distributed pipeline`` and ``--distributed tensor``;
-the answers must be equal. The models are tiny seeded checkpoints of each family
-(``checkpoints.py``); a request's tokens are few, so a server's time is mostly its start.
+For each family with a fixture (``checkpoints.FAMILIES``: attention, MLA, sliding-window
+and hybrid recurrent models), a battery of temperature-0 requests (completions, a streamed
+chat, a chat with ``n=2``, a JSON-schema-constrained chat, and a second turn that hits the
+prompt cache) runs against one process and against ``--distributed pipeline`` and
+``--distributed tensor``; the answers must be equal. The models are tiny seeded checkpoints
+of each family (``checkpoints.py``); a request's tokens are few, so a server's time is mostly
+its start.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.distributed.checkpoints import NEWER_FAMILIES, ORIGINAL_FAMILIES
+from tests.distributed.checkpoints import FAMILIES
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +40,7 @@ def _streamed_chat(http: httpx.Client, messages: list[dict[str, str]]) -> str:
     body = {"model": "m", "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True}
     text, done = "", False
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
-        assert r.status_code == 200
+        assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line == "data: [DONE]":
                 done = True
@@ -49,12 +51,11 @@ def _streamed_chat(http: httpx.Client, messages: list[dict[str, str]]) -> str:
     return text
 
 
-def battery(url: str, full: bool = True) -> dict[str, Any]:
+def battery(url: str) -> dict[str, Any]:
     """The requests every server answers; returns what must be equal across servers.
 
     Args:
         url: The server.
-        full: Also streaming, n > 1, a grammar and a prompt-cache hit (else completions only).
 
     Returns:
         The answers.
@@ -66,8 +67,6 @@ def battery(url: str, full: bool = True) -> dict[str, Any]:
         for i, prompt in enumerate(["The weather today is", "def main():\n    return", long]):
             got = _post(http, "/v1/completions", {"prompt": prompt, "max_tokens": 8})
             out[f"completion{i}"] = [got["choices"][0]["text"], got["usage"]]
-        if not full:
-            return out
         messages = [{"role": "user", "content": "Tell me a story about a cat."}]
         chat = _post(http, "/v1/chat/completions", {"messages": messages, "max_tokens": 8})
         out["chat"] = chat["choices"][0]["message"]["content"]
@@ -93,27 +92,18 @@ def battery(url: str, full: bool = True) -> dict[str, Any]:
     return out
 
 
-def _reference(family: str, model: Path, launch, full: bool) -> dict[str, Any]:
+def _reference(family: str, model: Path, launch) -> dict[str, Any]:
     if family not in _REFERENCE:
         single = launch(model, None)
-        _REFERENCE[family] = battery(single.base_url.removesuffix("/v1"), full)
+        _REFERENCE[family] = battery(single.base_url.removesuffix("/v1"))
         single.stop()
     return _REFERENCE[family]
 
 
 @pytest.mark.parametrize("mode", ["pipeline", "tensor"])
-@pytest.mark.parametrize("family", ORIGINAL_FAMILIES)
-def test_original_families_equal_one_process(family: str, mode: str, family_dir, launch) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_equals_one_process(family: str, mode: str, family_dir, launch) -> None:
     model = family_dir(family)
-    expected = _reference(family, model, launch, full=True)
+    expected = _reference(family, model, launch)
     served = launch(model, mode)
     assert battery(served.base_url.removesuffix("/v1")) == expected
-
-
-@pytest.mark.parametrize("mode", ["pipeline", "tensor"])
-@pytest.mark.parametrize("family", NEWER_FAMILIES)
-def test_newer_families_equal_one_process(family: str, mode: str, family_dir, launch) -> None:
-    model = family_dir(f"{family}")
-    expected = _reference(f"{family}-short", model, launch, full=False)
-    served = launch(model, mode)
-    assert battery(served.base_url.removesuffix("/v1"), full=False) == expected
