@@ -28,6 +28,14 @@ NEWER_FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "minimax_m2", "gpt_oss"
 # whose language model sits in text_config.
 NEWEST_FAMILIES = ["qwen3_next", "qwen3_5_moe", "glm4_moe_lite", "kimi_k25"]
 FAMILIES = ORIGINAL_FAMILIES + NEWER_FAMILIES + NEWEST_FAMILIES
+# Variants: a family's fixture with config overrides. Two pipeline ranks of the first hold
+# only attention layers (rank 0) and only linear-attention layers (rank 1).
+VARIANTS = {
+    "qwen3_next_attention_first": (
+        "qwen3_next",
+        {"layer_types": ["full_attention"] * 2 + ["linear_attention"] * 2},
+    ),
+}
 
 
 def _init(name: str, shape: tuple[int, ...]) -> mx.array:
@@ -40,18 +48,19 @@ def family_checkpoint(family: str, out: Path, seed: int = 3) -> Path:
     """Write a seeded random checkpoint of ``family`` with a tokenizer.
 
     Args:
-        family: A fixture family (``tests/fixtures/models/<family>_a``).
+        family: A fixture family (``tests/fixtures/models/<family>_a``) or a ``VARIANTS`` name.
         out: Directory to create.
         seed: Weight seed.
 
     Returns:
         ``out``.
     """
+    family, overrides = VARIANTS.get(family, (family, {}))
     out.mkdir(parents=True, exist_ok=True)
     build_bpe_tokenizer(out, vocab_size=384)
     tokenizer = Tokenizer.from_dir(out)
     config = json.loads((FIXTURES / f"{family}_a" / "hf" / "config.json").read_text())
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    config = {k: v for k, v in config.items() if k != "quantization_config"} | overrides
     # A multimodal checkpoint (qwen3_5_moe, kimi_k25) keeps its language model's settings
     # in text_config, which is what the model is built from: both levels get the tokenizer's.
     for level in (config, config.get("text_config")):

@@ -107,3 +107,16 @@ def test_family_equals_one_process(family: str, mode: str, family_dir, launch) -
     expected = _reference(family, model, launch)
     served = launch(model, mode)
     assert battery(served.base_url.removesuffix("/v1")) == expected
+
+
+def test_ranks_holding_other_cache_kinds_agree_on_a_hit(family_dir, launch) -> None:
+    """Pipeline rank 0 holds only attention layers, rank 1 only linear-attention ones.
+
+    Rank 0 alone could resume the second turn at any shared length; rank 1 only at the
+    first turn's saved boundaries. Both must resume at the same one, as one process does
+    (the battery compares the cached token counts, and its hit must not be empty).
+    """
+    model = family_dir("qwen3_next_attention_first")
+    expected = _reference("qwen3_next_attention_first", model, launch)
+    served = launch(model, "pipeline")
+    assert battery(served.base_url.removesuffix("/v1")) == expected
