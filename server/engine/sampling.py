@@ -317,13 +317,17 @@ def _choose(processed: mx.array, rows: Sequence[Row], candidates: int) -> mx.arr
     params = [r.params for r in rows]
     sampling = [not g for g in greedy]
     if any(truncation.truncates(p) for p in params):
-        cut = truncation.cut(scaled, params, sampling, candidates)
+        cut = truncation.cut(scaled, params, sampling, candidates, defer=True)
         if cut.ids is not None:  # [B, M] view: only candidates can be drawn
             noise = _gumbel_noise(rows, greedy, cut.ids.shape, V=scaled.shape[1], ids=cut.ids)
             pick = mx.argmax(mx.where(cut.kept, cut.values + noise, -mx.inf), axis=-1)
             sampled = mx.take_along_axis(cut.ids, pick[:, None], axis=-1)[:, 0]
             return _greedy_where(greedy, processed, sampled)
-        scaled = cut.apply(scaled)
+        scores = cut.apply(scaled) + _gumbel_noise(rows, greedy, scaled.shape)
+        sampled = mx.argmax(scores, axis=-1)
+        if cut.deferred:
+            sampled = truncation.draw_deferred(sampled, scores, scaled, params, cut.deferred)
+        return _greedy_where(greedy, processed, sampled)
     sampled = mx.argmax(scaled + _gumbel_noise(rows, greedy, scaled.shape), axis=-1)
     return _greedy_where(greedy, processed, sampled)
 

@@ -36,14 +36,20 @@ kept count only grows with the normaliser. Other rows compute it exactly, from t
 row, as the full-sort path does, with the CPU backend's compiled exp where that is in use
 (``models.backend``): MLX's own ``exp`` costs ~13 ns an element on x86 CPUs.
 
-This module knows logits and sampling parameters only. It does not draw (the sampler adds
-the Gumbel noise) and does not see penalties, bias or grammar masks (applied before it).
+A sampling row whose nucleus is wider than its candidates (a flat row: a random model's, or
+a trained one at high temperature) is not sorted either when the sampler asks for it
+(``cut(defer=True)``): ``nucleus_argmax`` finds the argmax of the noisy logits within the
+nucleus by looking above each token it rejects, two passes over the row per round.
+
+This module knows logits and sampling parameters only. It does not make noise (the sampler
+adds the Gumbel noise and hands the sums in) and does not see penalties, bias or grammar
+masks (applied before it).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -57,6 +63,9 @@ CANDIDATES = 4096
 # Relative slack on the bounds of a row's normaliser: far above float32 summation error over
 # 152k terms (~1e-5 typical), so the bounds hold for the normaliser as the full sort computes it.
 BOUND_SLACK = 2e-3
+# Rounds of ``nucleus_argmax`` before the rows still open are left to the full sort. A round
+# rejects at least one token; a flat random row settles in two or three.
+MAX_ROUNDS = 16
 
 
 @dataclass
@@ -72,6 +81,9 @@ class Cut:
     ids: mx.array | None = None  # int32 [B, M]: candidate token ids, best first
     values: mx.array | None = None  # float32 [B, M]: their logits, descending
     kept: mx.array | None = None  # bool [B, M]: candidates that survive every truncation
+    # Rows whose nucleus is wider than their candidates, left unsorted (``cut(defer=True)``):
+    # their threshold is -inf here, and the draw keeps them in the nucleus (``nucleus_argmax``).
+    deferred: list[int] = field(default_factory=list)
 
     def apply(self, scaled: mx.array) -> mx.array:
         """``scaled`` with -inf outside what the truncations keep.
@@ -100,7 +112,13 @@ def truncates(p) -> bool:
     return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
 
 
-def cut(scaled: mx.array, params: list, sampling: list[bool], candidates: int = CANDIDATES) -> Cut:
+def cut(
+    scaled: mx.array,
+    params: list,
+    sampling: list[bool],
+    candidates: int = CANDIDATES,
+    defer: bool = False,
+) -> Cut:
     """The thresholds of every row, and the candidate view when it is exact.
 
     Args:
@@ -109,6 +127,8 @@ def cut(scaled: mx.array, params: list, sampling: list[bool], candidates: int = 
         sampling: B flags; False for rows whose draw is discarded (greedy), which never force
             the full-vocabulary view.
         candidates: M for rows without top_k (``CANDIDATES``; tests force V, the full sort).
+        defer: Leave sampling top_p rows without top_k whose nucleus is wider than their
+            candidates unsorted, in ``Cut.deferred``, for ``nucleus_argmax`` to draw from.
 
     Returns:
         The cut.
@@ -129,6 +149,12 @@ def cut(scaled: mx.array, params: list, sampling: list[bool], candidates: int = 
     redo: list[int] = []
     if M < V:
         unsure_rows = [i for i, u in enumerate(unsure.tolist()) if u]  # host sync
+        # A row the draw can settle itself skips the pass over its row that the exact
+        # normaliser costs here (``nucleus_argmax`` makes its own): kept whole in the cut.
+        deferred = [i for i in unsure_rows if defer and sampling[i] and ks[i] >= V]
+        if deferred:
+            threshold[mx.array(deferred)] = -mx.inf
+            unsure_rows = [i for i in unsure_rows if i not in deferred]
         if unsure_rows:  # the exact normaliser, over these rows only
             rows = mx.array(unsure_rows)
             sub, sub_params = scaled[rows], [params[i] for i in unsure_rows]
@@ -140,12 +166,102 @@ def cut(scaled: mx.array, params: list, sampling: list[bool], candidates: int = 
             rows = mx.array(redo)
             sub, sub_params, sub_ks = scaled[rows], [params[i] for i in redo], [ks[i] for i in redo]
             threshold[rows] = _thresholds(sub, _best(sub, V)[1], sub_params, sub_ks, False)[0]
+        if deferred:
+            return Cut(threshold, floor, deferred=deferred)
         if not any(sampling[i] for i in redo) and all(r or not s for r, s in zip(ranked, sampling)):
             kept = values >= threshold
             if floor is not None:
                 kept = kept & (values >= floor)
             return Cut(threshold, floor, ids, values, kept)
     return Cut(threshold, floor)
+
+
+def nucleus_argmax(scores: mx.array, scaled: mx.array, top_p: list[float]) -> tuple[mx.array, list]:
+    """Each row's argmax of ``scores`` over its top_p nucleus, found without sorting the row.
+
+    The nucleus is the set of tokens whose logit ``l`` has less than ``top_p`` of the row's
+    mass strictly above it (the module docstring's rule: a token is kept exactly when the mass
+    of the tokens before its group of ties is below ``top_p``), so it is every token at or
+    above some logit. Take the argmax over the whole row; if that token is in the nucleus it
+    is the argmax over the nucleus (a subset that holds it). If not, no token at or below its
+    logit is, so look again above it. Each round costs two passes over the row, and a flat
+    row of a random model needs two or three rounds where a full sort costs ~10 ms a row.
+
+    The mass above a token is summed directly, not as the sorted prefix sum the full sort
+    takes; within ``BOUND_SLACK`` of ``top_p`` the two may round differently, so such a row
+    is left undecided (the caller sorts it): everything decided here is what the full sort
+    decides, for the same ``scores``.
+
+    Args:
+        scores: [R, V] what to maximise (logits plus Gumbel noise; -inf where not allowed).
+        scaled: [R, V] the temperature-scaled logits that define the nucleus (no other cut).
+        top_p: R values below 1.
+
+    Returns:
+        int32 [R] chosen ids, and the rows (indices into R) left undecided.
+    """
+    R = scaled.shape[0]
+    top = mx.max(scaled, axis=-1, keepdims=True)
+    top = mx.where(mx.isfinite(top), top, 0.0)
+    e = _fastmath.exp(scaled, top) if fast_math_in_use() else mx.exp(scaled - top)
+    # Mass compared unnormalised: below top_p of the row is below top_p times its sum.
+    limit = (mx.array(top_p, dtype=mx.float32)[:, None] * e.sum(axis=-1, keepdims=True)).tolist()
+    above = [-math.inf] * R  # per row: look only above this logit
+    chosen = [0] * R
+    open_rows, undecided = list(range(R)), []
+    for _ in range(MAX_ROUNDS):
+        # After the first round few rows are open: only they are read again.
+        take = None if len(open_rows) == R else mx.array(open_rows)
+        sc, sl, ee = (a if take is None else a[take] for a in (scores, scaled, e))
+        if any(above[i] > -math.inf for i in open_rows):  # only above what a row rejected
+            floor = mx.array([above[i] for i in open_rows], dtype=mx.float32)[:, None]
+            sc = mx.where(sl > floor, sc, -mx.inf)
+        pick = mx.argmax(sc, axis=-1)[:, None]
+        level = mx.take_along_axis(sl, pick, axis=-1)  # [open, 1]
+        mass = mx.where(sl > level, ee, 0.0).sum(axis=-1)
+        picks, levels, masses = (x.tolist() for x in (pick[:, 0], level[:, 0], mass))  # sync
+        still = []
+        for i, t, lv, m in zip(open_rows, picks, levels, masses):
+            if m < limit[i][0] * (1.0 - BOUND_SLACK):
+                chosen[i] = t  # in the nucleus
+            elif m >= limit[i][0] * (1.0 + BOUND_SLACK) and lv > above[i]:
+                above[i] = lv  # outside: so is every token at or below it
+                still.append(i)
+            else:  # too close to call (or nothing left above): the full sort decides
+                undecided.append(i)
+        open_rows = still
+        if not open_rows:
+            break
+    return mx.array(chosen, dtype=mx.int32), sorted(undecided + open_rows)
+
+
+def draw_deferred(
+    sampled: mx.array, scores: mx.array, scaled: mx.array, params: list, deferred: list[int]
+) -> mx.array:
+    """Redraw the rows whose nucleus ``truncation.cut`` left unsorted, within their nucleus.
+
+    ``scores`` holds every row's noisy logits after the cut (-inf outside min_p's floor; the
+    deferred rows' top_p not yet applied); ``nucleus_argmax`` finds each deferred
+    row's argmax over its nucleus, and the few rows it leaves undecided are cut by the full
+    sort as before. Either way the token is the argmax over the same kept set of the same
+    noise: what the full-sort path draws.
+    """
+    rows = mx.array(deferred)
+    top_p = [params[i].top_p for i in deferred]
+    chosen, undecided = nucleus_argmax(scores[rows], scaled[rows], top_p)
+    if undecided:
+        sub = mx.array([deferred[i] for i in undecided])
+        exact = cut(
+            scaled[sub],
+            [params[deferred[i]] for i in undecided],
+            [True] * len(undecided),
+            scaled.shape[1],
+        )
+        kept = mx.where(scaled[sub] >= exact.threshold, scores[sub], -mx.inf)
+        chosen[mx.array(undecided)] = mx.argmax(kept, axis=-1).astype(mx.int32)
+    sampled = sampled.astype(mx.int32)
+    sampled[rows] = chosen
+    return sampled
 
 
 def _best(scaled: mx.array, M: int) -> tuple[mx.array, mx.array]:

@@ -172,3 +172,76 @@ def test_a_peaked_row_skips_the_whole_row_normaliser(monkeypatch: pytest.MonkeyP
     partial = cut(logits, params, [True, True], 64)
     assert seen and all(rows == 1 for rows in seen)  # only the flat row's
     assert partial.threshold.tolist() == cut(logits, params, [True, True], n + 4).threshold.tolist()
+
+
+def _flat_rows(n: int, seed: int) -> mx.array:
+    mx.random.seed(seed)
+    return mx.random.normal((3, n)) * 0.5  # nuclei of thousands of tokens, far beyond FEW
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9])
+def test_wide_nuclei_are_drawn_without_sorting_as_the_full_sort_draws(top_p: float) -> None:
+    # Seeded rows: the same noise either way, so the draws must be equal token for token;
+    # unrestricted, many of these draws fall outside the nucleus, so the search has work.
+    n = 4096
+    logits = _flat_rows(n, 21)
+    partial, full = Sampler(candidates=FEW), Sampler(candidates=n)
+    outside = 0
+    for step in range(10):
+        rows = [SamplerRow(SamplingParams(seed=s, top_p=top_p), step=step) for s in (4, 5, 6)]
+        got = partial(logits, rows).tokens.tolist()
+        assert got == full(logits, rows).tokens.tolist()
+        free = [SamplerRow(SamplingParams(seed=s), step=step) for s in (4, 5, 6)]
+        outside += sum(a != b for a, b in zip(got, Sampler()(logits, free).tokens.tolist()))
+    assert outside > 0
+
+
+def test_wide_nucleus_draws_stay_in_it_and_cover_it() -> None:
+    row = _flat_rows(200, 8)[0].tolist()
+    nucleus = reference_nucleus(row, 0.5)
+    mx.random.seed(4)
+    rows = [SamplerRow(SamplingParams(top_p=0.5)) for _ in range(3000)]
+    drawn = Sampler(candidates=FEW)(mx.array([row] * 3000), rows).tokens.tolist()
+    assert set(drawn) == nucleus
+
+
+def test_a_token_at_the_edge_of_the_nucleus_is_left_to_the_full_sort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Ten tokens at 1.0 and the rest at 0.0; top_p is the ten's own mass, so the mass above
+    # any 0.0 token equals top_p up to rounding: too close to decide without the sorted sums.
+    from moeserve.server.engine import truncation
+
+    row = [1.0] * 10 + [0.0] * 90
+    probs = mx.softmax(mx.array(row)).tolist()
+    top_p = sum(probs[:10])
+    undecided: list[int] = []
+    real = truncation.nucleus_argmax
+
+    def recording(*args):
+        chosen, left = real(*args)
+        undecided.extend(left)
+        return chosen, left
+
+    monkeypatch.setattr(truncation, "nucleus_argmax", recording)
+    logits = mx.array([row] * 4)
+    partial, full = Sampler(candidates=FEW), Sampler(candidates=100)
+    for step in range(8):
+        rows = [SamplerRow(SamplingParams(seed=s, top_p=top_p), step=step) for s in range(4)]
+        assert partial(logits, rows).tokens.tolist() == full(logits, rows).tokens.tolist()
+    assert undecided
+
+
+def test_nucleus_argmax_looks_above_each_rejected_token() -> None:
+    from moeserve.server.engine.truncation import nucleus_argmax
+
+    # One row, so every round reads the whole batch; the noise favours five tokens outside
+    # the nucleus, the farthest most, so it takes six rounds to climb into it.
+    row = [-0.1 * i for i in range(50)]
+    nucleus = reference_nucleus(mx.array(row).tolist(), 0.3)
+    lured = sorted(set(range(50)) - nucleus)[-5:]
+    noise = [0.5 * i if i in lured else 0.0 for i in range(50)]
+    scores = mx.array([[x + n for x, n in zip(row, noise)]])
+    chosen, undecided = nucleus_argmax(scores, mx.array([row]), [0.3])
+    best = max(nucleus, key=lambda t: row[t] + noise[t])
+    assert undecided == [] and chosen.tolist() == [best]
