@@ -184,6 +184,7 @@ def _load(path: str) -> str:
             _state["shim"] = str(shim_path)
             if reroute:
                 _state["gemv"] = "1"
+            _split_threads(shim, local, prefix)
     if prefix and "shim" not in _state:
         raise _NoShimError(f"no shim for {path}")
     if not prefix:
@@ -192,7 +193,26 @@ def _load(path: str) -> str:
         ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
     version = _version(local, prefix)
     what = f"{path}{f' ({version})' if version else ''}"
-    return f"{what}, matrix-vector products through sgemv" if "gemv" in _state else what
+    what = f"{what}, matrix-vector products through sgemv" if "gemv" in _state else what
+    return f"{what}; {_state['split']}" if "split" in _state else what
+
+
+def _split_threads(shim: ctypes.CDLL, lib: ctypes.CDLL, prefix: str) -> None:
+    """``MOESERVE_BLAS_SPLIT_ROWS=n``: products of at most n rows on one OpenBLAS thread.
+
+    Decode-sized products lose more to OpenBLAS's spinning hand-over than a second thread
+    gives them, prefill-sized ones gain (bench/RESULTS.md, section 19). Unset or 0: OpenBLAS
+    threads every product as it decides (``OPENBLAS_NUM_THREADS`` still applies).
+    """
+    rows = int(os.environ.get("MOESERVE_BLAS_SPLIT_ROWS", "0") or 0)
+    setter, getter = f"{prefix}openblas_set_num_threads", f"{prefix}openblas_get_num_threads"
+    if rows <= 0 or not _has(lib, setter, getter):
+        return
+    threads = getattr(lib, getter)()
+    if threads > 1:
+        setter_address = ctypes.cast(getattr(lib, setter), ctypes.c_void_p)
+        shim.moeserve_blas_threads(setter_address, threads, rows)
+        _state["split"] = f"products of up to {rows} rows on 1 of {threads} threads"
 
 
 def _has(lib: ctypes.CDLL, *names: str) -> bool:

@@ -12,6 +12,7 @@
  * moeserve_blas_bind before MLX is imported. Only row-major calls with one row (M == 1) or
  * one column (N == 1) and K > 0 are rerouted; every other call goes to the BLAS unchanged.
  * A NULL sgemv turns the rerouting off (MOESERVE_BLAS_GEMV=0): sgemm then only forwards.
+ * moeserve_blas_threads optionally picks the thread count per product (below).
  *
  * The shim also defines cblas_dgemm and cblas_cgemm, the other CBLAS symbols MLX's libmlx.so
  * leaves undefined, and forwards them too. That is what lets it stand in front of a BLAS
@@ -48,6 +49,36 @@ void moeserve_blas_bind(void *sgemm, void *sgemv, void *dgemm, void *cgemm) {
 /* How many calls went to sgemv (tests read it to know the forwarding is live). */
 long moeserve_blas_forwarded(void) { return forwarded; }
 
+/* Threads by product size (MOESERVE_BLAS_SPLIT_ROWS): products of at most split_rows rows
+ * (decode steps) run on one thread, larger ones (prefill) on all of them. OpenBLAS's threads
+ * hand work over by spinning; for a decode-sized product that costs more than it saves, and
+ * on a busy machine a spinning thread waits for a core it cannot get (bench/RESULTS.md).
+ * MLX makes its BLAS calls from one thread per stream, so the count is switched only when it
+ * changes, and a call in flight never sees it change. */
+typedef void (*set_threads_fn)(int);
+static set_threads_fn blas_set_threads;
+static int threads_all, threads_now, split_rows;
+static long single_threaded;
+
+void moeserve_blas_threads(void *setter, int all, int rows) {
+  blas_set_threads = (set_threads_fn)setter;
+  threads_all = threads_now = all;
+  split_rows = rows;
+}
+
+/* How many products ran on one thread by that rule (tests read it). */
+long moeserve_blas_single_threaded(void) { return single_threaded; }
+
+static void choose_threads(int rows) {
+  if (blas_set_threads == NULL || split_rows <= 0) return;
+  int want = rows <= split_rows ? 1 : threads_all;
+  if (want == 1) __atomic_fetch_add(&single_threaded, 1, __ATOMIC_RELAXED);
+  if (want != threads_now) {
+    blas_set_threads(want);
+    threads_now = want;
+  }
+}
+
 /* With beta == 0 BLAS must ignore what C holds, but sgemv computes beta * y, and MLX hands
  * over uninitialised (possibly NaN) output buffers: clear them first. */
 static void clear(float *y, int n, int inc) {
@@ -57,6 +88,7 @@ static void clear(float *y, int n, int inc) {
 void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta, float *C,
                  int ldc) {
+  choose_threads(order == ROW_MAJOR ? M : N);
   if (order == ROW_MAJOR && K > 0 && blas_sgemv != NULL) {
     if (M == 1) {
       /* C[1, N] = alpha * a[K] . op(B)[K, N]: a matrix-vector product with op(B)^T. */

@@ -237,3 +237,37 @@ def test_preloaded_blas_is_detected(tmp_path) -> None:
     assert out["path"] == str(shim) and not out["gemv"]
     assert "LD_PRELOAD" in out["blas"] and "unset LD_PRELOAD" in out["blas"]
     assert "LD_PRELOAD" in out["warning"]
+
+
+_SPLIT = """
+import ctypes, json
+import numpy as np
+from moeserve.models.backend import blas
+import mlx.core as mx
+
+rng = np.random.default_rng(1)
+w = rng.standard_normal((256, 256)).astype(np.float32)
+small, large = (rng.standard_normal((n, 256)).astype(np.float32) for n in (8, 200))
+shim = ctypes.CDLL(blas._state["shim"]) if "shim" in blas._state else None
+count = (lambda: shim.moeserve_blas_single_threaded()) if shim else (lambda: 0)
+out = {"blas": blas.blas_in_use()}
+for name, x in (("small", small), ("large", large)):
+    before = count()
+    got = np.array(mx.array(x) @ mx.array(w))
+    out[name] = {"single": count() - before, "values": got.tobytes().hex()}
+print(json.dumps(out))
+"""
+
+
+@needs_compiler
+def test_split_rows_runs_decode_sized_products_on_one_thread(tmp_path) -> None:
+    _wheel_or_skip()
+    env = {"MOESERVE_BLAS": "wheel", "OPENBLAS_NUM_THREADS": "2"}
+    split = _run(_SPLIT, tmp_path, MOESERVE_BLAS_SPLIT_ROWS="32", **env)
+    plain = _run(_SPLIT, tmp_path, **env)
+    assert "products of up to 32 rows on 1 of 2 threads" in split["blas"]
+    assert split["small"]["single"] == 1 and split["large"]["single"] == 0
+    assert plain["small"]["single"] == plain["large"]["single"] == 0
+    # The thread count decides who computes which part, not how: the products are the same.
+    for size in ("small", "large"):
+        assert split[size]["values"] == plain[size]["values"]
