@@ -35,8 +35,8 @@ What it does not do: prefill-speed runs (``bench/compare.py`` has those for moes
 mlx-lm), quantized GGUFs, or any check that llama-server honours every request field; the
 ``usage`` prompt-token totals of both servers are printed so that a template mismatch shows.
 
-``--moeserve-env KEY=VALUE`` (repeatable) serves a second moeserve with that environment in
-the same rounds (``OPENBLAS_NUM_THREADS=1``, say). The parity checks and the interleaved loads
+``--moeserve-env K=V[,K=V]`` serves one more moeserve with that environment in the same
+rounds (``OPENBLAS_NUM_THREADS=1``, say); the flag repeats, one server each. The parity checks and the interleaved loads
 are in ``bench/llamacpp_rounds.py``.
 
 Usage: python -m bench.llamacpp [--rounds 2] [--mlx-lm] [--moeserve-env K=V] [--jobs 2]
@@ -242,9 +242,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--moeserve-env",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="also serve a second moeserve with this environment (repeatable; e.g. "
-        "OPENBLAS_NUM_THREADS=1), measured in the same rounds",
+        metavar="K=V[,K=V]",
+        help="also serve a moeserve with this environment, measured in the same rounds "
+        "(repeatable: one server per flag; e.g. OPENBLAS_NUM_THREADS=1)",
     )
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--json", type=Path, default=None, metavar="OUT")
@@ -289,10 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             f"steps ({parity['prompt_ids']}-token prompt)",
             flush=True,
         )
-        if args.moeserve_env:
-            env = dict(item.split("=", 1) for item in args.moeserve_env)
-            name = "moeserve " + ",".join(args.moeserve_env)
-            servers[name] = (
+        for variant in args.moeserve_env:  # one more moeserve per flag
+            env = dict(item.split("=", 1) for item in variant.split(","))
+            servers[f"moeserve {variant}"] = (
                 ServerProcess.start(
                     moeserve_command(model_dir, port := free_port()),
                     port,
