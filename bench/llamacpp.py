@@ -36,8 +36,8 @@ mlx-lm), quantized GGUFs, or any check that llama-server honours every request f
 ``usage`` prompt-token totals of both servers are printed so that a template mismatch shows.
 
 ``--moeserve-env K=V[,K=V]`` serves one more moeserve with that environment in the same
-rounds (``OPENBLAS_NUM_THREADS=1``, say); the flag repeats, one server each. The parity checks and the interleaved loads
-are in ``bench/llamacpp_rounds.py``.
+rounds (``OPENBLAS_NUM_THREADS=1``, say); the flag repeats, one server each. The parity
+checks and the interleaved loads are in ``bench/llamacpp_rounds.py``.
 
 Usage: python -m bench.llamacpp [--rounds 2] [--mlx-lm] [--moeserve-env K=V] [--jobs 2]
        [--build-only] [--llama-server PATH] [--json OUT]
