@@ -136,7 +136,7 @@ class RankEntries:
             if question[0] == "usable":
                 snap = self.entries.get(question[1])
                 return 0 if snap is None else self.runner.store.usable_length(snap, question[2])
-            logger.error("rank: unknown prompt-cache question %r", question[0])
+            logger.error("prompt cache: unknown question %r", question[0])
         except Exception:  # whatever failed, the answer must still reach the others
             logger.exception("prompt cache: could not answer %r", question[:3])
         return 0
