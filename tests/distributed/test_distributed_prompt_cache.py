@@ -13,6 +13,7 @@ the admin route deletes every rank's part.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +63,19 @@ def _wait(condition: Any, what: str, seconds: float = 30.0) -> None:
 
 def test_sessions_survive_a_restart_with_each_ranks_part(family_dir, launch, tmp_path) -> None:
     model = family_dir(FAMILY)
-    single = launch(model, None)
-    url = single.base_url.removesuffix("/v1")
-    want = {}
-    for s in SESSIONS:
-        first, _ = _turn(url, s)
-        want[s] = (first, _turn(url, s, first)[0])
-    single.stop()
-
     sessions = tmp_path / "sessions"
     rank0, rank1 = (sessions / f"{MODE}-rank{r}-of-2" for r in (0, 1))
-    served = launch(model, MODE, "--prompt-cache-dir", str(sessions))
+    with ThreadPoolExecutor(1) as pool:  # the two ranks start while one process answers
+        starting = pool.submit(launch, model, MODE, "--prompt-cache-dir", str(sessions))
+        single = launch(model, None)
+        url = single.base_url.removesuffix("/v1")
+        want = {}
+        for s in SESSIONS:
+            first, _ = _turn(url, s)
+            want[s] = (first, _turn(url, s, first)[0])
+        single.stop()
+        served = starting.result()
+
     url = served.base_url.removesuffix("/v1")
     assert [_turn(url, s)[0] for s in SESSIONS] == [want[s][0] for s in SESSIONS]
     _wait(
