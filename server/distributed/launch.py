@@ -35,6 +35,7 @@ from moeserve.models.loader import LoadedModel, load
 from moeserve.models.shard import PipelineShard, Shard, causal_lm
 from moeserve.server.distributed.link import Link, init_group
 from moeserve.server.distributed.rank_cache import RankEntries, rank_files
+from moeserve.server.engine.prompt_cache import SHUTDOWN_FLUSH_SECONDS
 from moeserve.server.settings import Settings
 
 logger = logging.getLogger("moeserve.distributed")
@@ -198,7 +199,8 @@ def run_follower(settings: Settings) -> int:
     if settings.prompt_cache and settings.prompt_cache_dir is not None:
         fingerprint = weights_fingerprint(loaded, settings.resolved_dtype())
         directory, fingerprint = prompt_cache_files(settings, fingerprint)
-    cache = RankEntries(runner, directory, fingerprint, settings.prompt_cache_max_bytes)
+    wait = min(SHUTDOWN_FLUSH_SECONDS, settings.distributed_timeout_seconds / 2)
+    cache = RankEntries(runner, directory, fingerprint, settings.prompt_cache_max_bytes, wait)
     signal.signal(signal.SIGTERM, _stay_for_stop)
     return follow(runner, group, cache)
 

@@ -84,12 +84,15 @@ class RankEntries:
         directory: This rank's file directory (``rank_files``); None: nothing persisted.
         fingerprint: This rank's fingerprint (``rank_files``).
         max_pending_bytes: The writer's bound on bytes waiting (``prompt_cache_max_bytes``).
+        wait_seconds: How long a ``load`` waits for a write of its file still queued here;
+            less than the collective timeout, so that a slow disk is a miss, not an exit.
     """
 
     runner: Runner
     directory: Path | None = None
     fingerprint: str = ""
     max_pending_bytes: int = 2 * 1024**3
+    wait_seconds: float = SHUTDOWN_FLUSH_SECONDS
     entries: dict[int, Snapshot] = field(default_factory=dict)
     _writer: Writer | None = field(default=None, init=False, repr=False)
 
@@ -185,7 +188,7 @@ class RankEntries:
             return False
         path = self._path(name)
         # Evicted before its background write landed: wait for that file, not a miss.
-        self._writer.wait(path, SHUTDOWN_FLUSH_SECONDS)
+        self._writer.wait(path, self.wait_seconds)
         if not path.is_file():
             logger.warning("prompt cache: %s is missing; the hit is a miss", path)
             return False
