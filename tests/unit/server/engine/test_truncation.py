@@ -245,3 +245,21 @@ def test_nucleus_argmax_looks_above_each_rejected_token() -> None:
     chosen, undecided = nucleus_argmax(scores, mx.array([row]), [0.3])
     best = max(nucleus, key=lambda t: row[t] + noise[t])
     assert undecided == [] and chosen.tolist() == [best]
+
+
+def test_a_mixed_batch_with_wide_nuclei_draws_as_the_full_sort_does() -> None:
+    # Deferred rows (wide top_p nuclei) beside greedy, top_k and min_p rows: the deferred
+    # draw must leave the other rows' tokens alone, and every row must match the full sort.
+    n = 2048
+    flat = _flat_rows(n, 31)
+    logits = mx.concatenate([flat[:2], mx.array([peaked(9, n)]), flat[2:]], axis=0)
+    params = [
+        SamplingParams(seed=1, top_p=0.9),
+        SamplingParams(temperature=0.0),
+        SamplingParams(seed=2, top_k=40, top_p=0.8),
+        SamplingParams(seed=3, top_p=0.7, min_p=0.2, temperature=1.3),
+    ]
+    partial, full = Sampler(candidates=FEW), Sampler(candidates=n)
+    for step in range(6):
+        rows = [SamplerRow(p, step=step) for p in params]
+        assert partial(logits, rows).tokens.tolist() == full(logits, rows).tokens.tolist()
