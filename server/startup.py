@@ -32,6 +32,7 @@ from moeserve.models.backend.blas import blas_in_use, blas_warning
 from moeserve.models.errors import ModelError
 from moeserve.models.loader import LoadedModel, Progress, load, read_json, weight_files
 from moeserve.models.quantize import count_parameters
+from moeserve.models.shard import causal_lm
 from moeserve.server.distributed import launch as distributed
 from moeserve.server.distributed.engine import DistributedEngine
 from moeserve.server.engine import kv_io
@@ -182,12 +183,14 @@ def load_served_model(settings: Settings) -> ServedModel:
     shard = distributed.rank_shard(settings) if settings.distributed else None
     with _progress_bar() as progress:
         loaded = load(source, dtype=settings.resolved_dtype(), progress=progress, shard=shard)
+    whole = loaded.model
     if shard is not None:  # this rank's part, with its hand-offs or collectives
         loaded.model = distributed.attach(loaded, shard)
     try:
         tokenizer = Tokenizer.from_dir(loaded.path)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the tokenizer of {loaded.path}: {e}") from e
+    _check_vocabulary(whole, tokenizer)
     model_id = settings.served_model_name or default_model_id(settings.model)
     aliases = [a for a in settings.model_aliases if a != model_id]
     return ServedModel(
@@ -197,6 +200,30 @@ def load_served_model(settings: Settings) -> ServedModel:
         tokenizer=tokenizer,
         max_model_len=resolve_max_model_len(settings.max_model_len, loaded.config),
     )
+
+
+def _check_vocabulary(model: Any, tokenizer: Tokenizer) -> None:
+    """Warn when the tokenizer knows ids that the model's embedding table has no row for.
+
+    Such a model can never generate those tokens, and a constrained request whose grammar
+    needs one of them fails mid-answer; the usual cause is a config whose ``vocab_size``
+    (or ``text_config.vocab_size``) is not the one the weights were trained with.
+    """
+    try:
+        rows = causal_lm(model)[1].stack.embedding.weight.shape[0]
+    except (TypeError, AttributeError, KeyError):  # a model without the usual layout
+        return
+    highest = max(tokenizer.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+    if highest >= rows:
+        logger.warning(
+            "the tokenizer has token ids up to %d but the model's embedding has %d rows: ids "
+            "%d-%d can never be generated, and a response format or tool grammar that needs "
+            "them fails; check the checkpoint's vocab_size",
+            highest,
+            rows,
+            rows,
+            highest,
+        )
 
 
 def format_count(n: int) -> str:

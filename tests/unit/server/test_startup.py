@@ -351,3 +351,31 @@ def test_other_subcommands_still_parse() -> None:
     assert (args.command, args.prompt, args.log_level) == ("generate", "hi", "debug")
     args = cli.build_parser().parse_args(["convert", "src", "dst", "--quantize"])
     assert (args.command, args.src, args.quantize) == ("convert", "src", True)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_named(
+    demo_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copy = shutil.copytree(demo_dir, tmp_path / "extra-tokens")
+    spec = json.loads((copy / "tokenizer.json").read_text())
+    rows = json.loads((copy / "config.json").read_text())["vocab_size"]
+    spec["added_tokens"].append(
+        {
+            "id": rows,
+            "content": "<|beyond|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
+    (copy / "tokenizer.json").write_text(json.dumps(spec))
+    with caplog.at_level(logging.WARNING):
+        served = load_served_model(Settings(model=str(copy)))
+    assert served.tokenizer.backend.token_to_id("<|beyond|>") == rows  # one past the table
+    assert f"ids up to {rows} but the model's embedding has {rows} rows" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_served_model(Settings())  # the demo model's tokenizer fits its embedding
+    assert "embedding has" not in caplog.text
