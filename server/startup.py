@@ -213,7 +213,10 @@ def _check_vocabulary(model: Any, tokenizer: Tokenizer) -> None:
         rows = causal_lm(model)[1].stack.embedding.weight.shape[0]
     except (TypeError, AttributeError, KeyError):  # a model without the usual layout
         return
-    highest = max(tokenizer.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+    # The model's own ids are 0..n-1; added tokens carry theirs (no 150k-entry dict built).
+    backend = tokenizer.backend
+    added = backend.get_added_tokens_decoder()
+    highest = max(backend.get_vocab_size(with_added_tokens=False) - 1, max(added, default=-1))
     if highest >= rows:
         logger.warning(
             "the tokenizer has token ids up to %d but the model's embedding has %d rows: ids "

@@ -21,6 +21,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
+
+
+def page_table(blocks: np.ndarray, heads: int) -> mx.array:
+    """Indices into ``pool.reshape(-1, block, D)`` of each row's heads' blocks.
+
+    Computed on the host: a decode pass's views make it once for all the layers of a group.
+
+    Args:
+        blocks: ``[B, N]`` each row's block ids.
+        heads: K.
+
+    Returns:
+        uint32 ``[B, K, N]``: block ``blocks[b, n]``, head k.
+    """
+    per_head = np.arange(heads, dtype=np.int64)[None, :, None]
+    return mx.array((blocks[:, None, :].astype(np.int64) * heads + per_head).astype(np.uint32))
 
 
 @dataclass(frozen=True)
@@ -33,9 +50,8 @@ class PagedKV:
         block: Positions per block.
         blocks: int32 ``[B, N]``: each row's blocks in position order, padded with any block
             of the row's own (the mask hides the padding).
-        page_table: ``pages()`` made beforehand, or None to compute it here. A decode pass's
-            views make it once on the host for all the layers of a group: computed here it
-            is four graph operations per tensor and layer, each costing a few µs to run.
+        page_table: ``pages()`` made beforehand (``page_table``), or None to make it here.
+            A decode pass's views make it once for all the layers of a group.
     """
 
     pool: mx.array
@@ -63,8 +79,7 @@ class PagedKV:
         """
         if self.page_table is not None:
             return self.page_table
-        heads = mx.arange(self.heads, dtype=mx.int32)[None, :, None]
-        return (self.blocks[:, None, :] * self.heads + heads).astype(mx.uint32)
+        return page_table(np.array(self.blocks), self.heads)
 
     def matrices(self) -> mx.array:
         """The pool as ``[capacity * K, block, D]`` (a reshape: no copy)."""

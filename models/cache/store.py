@@ -322,14 +322,17 @@ class CacheStore:
             )
             start = row.dropped[gi] * BLOCK
             slots = np.asarray(self.slots(gi, row, start, length), dtype=np.int32)
+            rows_by_heads: dict[int, mx.array] = {}  # the group's layers share head counts
             for i in group.layers:
                 offset = start - snap.starts[i]
                 parts = [
                     t[0, :, offset : offset + length - start].transpose(1, 0, 2)
                     for t in snap.layers[i]
                 ]
-                rows = [mx.array(self.pools[gi].rows(p.shape[1], slots)) for p in parts]
-                self.write(i, rows, parts)
+                for p in parts:
+                    if p.shape[1] not in rows_by_heads:
+                        rows_by_heads[p.shape[1]] = mx.array(self.pools[gi].rows(p.shape[1], slots))
+                self.write(i, [rows_by_heads[p.shape[1]] for p in parts], parts)
         slot = mx.array([row.slot], dtype=mx.int32) if row.slot is not None else None
         for i in self.layout.recurrent if length else ():  # at 0: add's zero state is exact
             states = recurrent[i] if isinstance(recurrent, dict) else snap.layers[i]

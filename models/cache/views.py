@@ -28,7 +28,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from moeserve.models.backend.paged import PagedKV
+from moeserve.models.backend.paged import PagedKV, page_table
 from moeserve.models.cache.kinds import BLOCK
 from moeserve.models.cache.store import CacheStore
 
@@ -127,9 +127,7 @@ class _GroupStep:
         """
         key = ("pages", heads)
         if key not in self._memo:
-            per_head = np.arange(heads, dtype=np.int64)[None, :, None]
-            table = self._blocks[:, None, :].astype(np.int64) * heads + per_head
-            self._memo[key] = mx.array(table.astype(np.uint32))
+            self._memo[key] = page_table(self._blocks, heads)
         return self._memo[key]
 
     @staticmethod

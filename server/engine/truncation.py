@@ -203,7 +203,7 @@ def nucleus_argmax(scores: mx.array, scaled: mx.array, top_p: list[float]) -> tu
     R = scaled.shape[0]
     top = mx.max(scaled, axis=-1, keepdims=True)
     top = mx.where(mx.isfinite(top), top, 0.0)
-    e = _fastmath.exp(scaled, top) if fast_math_in_use() else mx.exp(scaled - top)
+    e = _row_exp(scaled, top)
     # Mass compared unnormalised: below top_p of the row is below top_p times its sum.
     limit = (mx.array(top_p, dtype=mx.float32)[:, None] * e.sum(axis=-1, keepdims=True)).tolist()
     above = [-math.inf] * R  # per row: look only above this logit
@@ -276,11 +276,14 @@ def _best(scaled: mx.array, M: int) -> tuple[mx.array, mx.array]:
     return ids, mx.take_along_axis(values, order, axis=-1)
 
 
+def _row_exp(scaled: mx.array, top: mx.array) -> mx.array:
+    """[B, V] exp(l - top) of each whole row, with the CPU backend's compiled exp in use."""
+    return _fastmath.exp(scaled, top) if fast_math_in_use() else mx.exp(scaled - top)
+
+
 def _row_mass(scaled: mx.array, top: mx.array) -> mx.array:
     """[B, 1] sum of exp(l - top) over each whole (unsorted) row."""
-    if fast_math_in_use():
-        return _fastmath.exp(scaled, top).sum(axis=-1, keepdims=True)
-    return mx.exp(scaled - top).sum(axis=-1, keepdims=True)
+    return _row_exp(scaled, top).sum(axis=-1, keepdims=True)
 
 
 def _thresholds(
