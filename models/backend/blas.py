@@ -204,7 +204,14 @@ def _split_threads(shim: ctypes.CDLL, lib: ctypes.CDLL, prefix: str) -> None:
     gives them, prefill-sized ones gain (bench/RESULTS.md, section 19). Unset or 0: OpenBLAS
     threads every product as it decides (``OPENBLAS_NUM_THREADS`` still applies).
     """
-    rows = int(os.environ.get("MOESERVE_BLAS_SPLIT_ROWS", "0") or 0)
+    value = os.environ.get("MOESERVE_BLAS_SPLIT_ROWS", "0") or "0"
+    try:
+        rows = int(value)
+    except ValueError:  # at import, before logging: the startup line's warning says it
+        _state["warning"] = (
+            f"BLAS: MOESERVE_BLAS_SPLIT_ROWS={value!r} is not a whole number; ignored"
+        )
+        return
     setter, getter = f"{prefix}openblas_set_num_threads", f"{prefix}openblas_get_num_threads"
     if rows <= 0 or not _has(lib, setter, getter):
         return

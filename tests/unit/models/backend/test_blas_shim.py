@@ -271,3 +271,15 @@ def test_split_rows_runs_decode_sized_products_on_one_thread(tmp_path) -> None:
     # The thread count decides who computes which part, not how: the products are the same.
     for size in ("small", "large"):
         assert split[size]["values"] == plain[size]["values"]
+
+
+@needs_compiler
+def test_a_split_rows_value_that_is_not_a_number_is_named_and_ignored(tmp_path) -> None:
+    _wheel_or_skip()
+    env = {"MOESERVE_BLAS": "wheel", "OPENBLAS_NUM_THREADS": "2"}
+    out = _run(_SPLIT, tmp_path, MOESERVE_BLAS_SPLIT_ROWS="lots", **env)
+    assert "rows on 1 of" not in out["blas"]
+    assert out["small"]["single"] == 0
+    code = _SPLIT.replace('"blas": blas.blas_in_use()', '"blas": blas.blas_warning()')
+    warning = _run(code, tmp_path, MOESERVE_BLAS_SPLIT_ROWS="lots", **env)["blas"]
+    assert "MOESERVE_BLAS_SPLIT_ROWS='lots' is not a whole number; ignored" in warning
