@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -86,17 +87,28 @@ def launcher_stdin() -> tuple[int, Callable[[], None]]:
     return read, lambda: os.close(write)
 
 
-def rank_pids(log: Path) -> dict[int, int]:
-    """Each rank's pid, from the distributed startup line.
+def rank_pids(log: Path, ranks: int = 2, timeout: float = 30.0) -> dict[int, int]:
+    """Each rank's pid, from the distributed startup line, waiting until every rank's shows.
+
+    ``/health`` answers straight from rank 0's socket, but the ranks' output reaches the log
+    through ``mlx.launch``'s relay loop, so on a loaded machine the startup line can land a
+    moment after the server is up (CI once read an empty log here).
 
     Args:
         log: The launcher's output.
+        ranks: How many ranks' pids to wait for.
+        timeout: Seconds to wait for them.
 
     Returns:
-        ``{rank: pid}``.
+        ``{rank: pid}`` (fewer than ``ranks`` entries only if the wait ran out).
     """
-    text = log.read_text(errors="replace")
-    return {int(r): int(p) for r, p in re.findall(r"rank (\d+) [^;]*?\(pid (\d+)\)", text)}
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace")
+        found = {int(r): int(p) for r, p in re.findall(r"rank (\d+) [^;]*?\(pid (\d+)\)", text)}
+        if len(found) >= ranks or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
