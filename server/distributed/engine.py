@@ -19,10 +19,12 @@ the prompt cache), with two changes (``DistributedEngine``):
   layers can resume (a recurrent layer only at the turn boundaries it saved, a sliding one
   only while it holds the window), agreed in as many rounds as it takes (usually one).
 
-While idle, rank 0 sends a ``ping`` every ``heartbeat`` seconds, so a dead rank is noticed
-without a request, and the others' wait for the next message can time out too; operations
-left by the last step (a session's ``save``) or by an admin route (a ``delete``) go out at
-once in a ping of their own rather than with the next step. When rank 0's
+When it runs out of work, rank 0 sends an idle ``ping`` at once (the other ranks then sleep
+on the doorbell rather than spin in the collective; ``doorbell``), and another every
+``heartbeat`` seconds while idle, so a dead rank is noticed without a request, and the
+others' wait for the next message can time out too; operations left by the last step (a
+session's ``save``) or by an admin route (a ``delete``) go out at once in a ping of their
+own rather than with the next step. When rank 0's
 engine fails (a collective raised: a peer is gone) it fails every stream as a single engine
 does, logs which rank is exiting, and stops the process (``Link``'s exit path). It knows
 the engine's and the runner's seams; it does not know HTTP.
@@ -171,19 +173,23 @@ class DistributedEngine(Engine):
 
     def _drain_inbox(self, block: bool) -> None:
         if block:  # idle: wait for work, pinging the other ranks meanwhile
-            self._send_ops()
+            self._idle_ping()
             try:
                 self._handle(self._inbox.get(timeout=self.heartbeat))
             except queue.Empty:
-                self.link.broadcast(Message(PING, ops=self.runner.take_ops()).encode())
+                self.link.broadcast(Message(PING, ops=self.runner.take_ops()).encode(), idle=True)
                 return
         super()._drain_inbox(block=False)
 
-    def _send_ops(self) -> None:
-        """Send what the last step or an admin route left, not waiting for the next step."""
+    def _idle_ping(self) -> None:
+        """Going idle: send what the last step or an admin route left, and let the others sleep.
+
+        An idle ping sends the other ranks to the doorbell instead of a spinning collective;
+        once they are there, only new operations need one.
+        """
         ops = self.runner.take_ops()
-        if ops:
-            self.link.broadcast(Message(PING, ops=ops).encode())
+        if ops or not self.link.asleep:
+            self.link.broadcast(Message(PING, ops=ops).encode(), idle=True)
 
     def _lookup(self, request: GenerationRequest) -> Hit | None:
         hit = super()._lookup(request)

@@ -9,7 +9,8 @@ every other rank calls ``run_follower``, which loads its part the same way and r
 
 ``attach`` is the startup handshake (after every rank loaded): each rank reports its layers
 or experts and its weight bytes, and rank 0 reports the activations' dtype and the hidden
-size that pipeline hand-offs need. ``summary`` turns the reports into the startup line.
+size that pipeline hand-offs need, and its doorbell's port and token (``doorbell``), which
+the others then connect to. ``summary`` turns the reports into the startup line.
 ``prompt_cache_files`` says where each rank keeps its part of the persisted prompt cache.
 
 A rank other than 0 given SIGTERM (``mlx.launch`` and process-group kills signal every rank)
@@ -33,6 +34,7 @@ from mlx.utils import tree_flatten
 
 from moeserve.models.loader import LoadedModel, load
 from moeserve.models.shard import PipelineShard, Shard, causal_lm
+from moeserve.server.distributed import doorbell
 from moeserve.server.distributed.link import Link, init_group
 from moeserve.server.distributed.rank_cache import RankEntries, rank_files
 from moeserve.server.engine.prompt_cache import SHUTDOWN_FLUSH_SECONDS
@@ -115,9 +117,21 @@ def attach(loaded: LoadedModel, shard: Shard) -> nn.Module:
         dtype_code = _DTYPES.index(lm.cache_dtype())
         hidden = lm.stack[lm.stack.names.norm].weight.shape[-1]
     first, last, experts = _extent(shard)
+    host = doorbell.rank0_host()
+    listener = doorbell.Listener(host) if group.rank == 0 else None
+    bell = [listener.port, listener.token] if listener is not None else [0, 0]
     mine = [first, last, experts, _weight_bytes(loaded.model), os.getpid(), dtype_code, hidden]
-    _REPORTS[:] = group.gather_ints(mine)
+    _REPORTS[:] = group.gather_ints([*mine, *bell])
     dtype, hidden = _DTYPES[_REPORTS[0][5]], _REPORTS[0][6]
+    port, token = _REPORTS[0][7], _REPORTS[0][8]
+
+    def agree(ok: int) -> list[int]:
+        return [row[0] for row in group.gather_ints([ok], "the doorbell handshake")]
+
+    group.doorbell = doorbell.open_doorbell(
+        group.rank, group.size, listener, (host, port, token), agree
+    )
+    group.asleep = group.doorbell is not None  # the others wait for rank 0's first message
     if isinstance(shard, PipelineShard):
         from moeserve.server.distributed.pipeline import PipelineModel
 

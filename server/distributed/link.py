@@ -4,7 +4,8 @@
 or JACCL over Thunderbolt where present). Rank 0 broadcasts each step's message
 (``broadcast``): a length, then the bytes, each as an int32 ``all_sum`` to which the other
 ranks add zeros, so the collective every backend has carries it; ``gather_ints`` brings
-every rank's answer back (the startup handshake, rank 0's prompt-cache questions). Every
+every rank's answer back (the startup handshake, rank 0's prompt-cache questions). A
+broadcast marked idle sends the other ranks to the ``doorbell`` until rank 0 rings it. Every
 collective runs under the ``Watchdog``: one that has not returned after ``timeout`` seconds
 (a rank died without closing its sockets, a cable was pulled) ends the process with a
 message naming this rank, since a collective cannot be interrupted. A peer that closed its
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+
+from moeserve.server.distributed.doorbell import Doorbell
 
 logger = logging.getLogger("moeserve.distributed")
 
@@ -137,6 +140,9 @@ class Link:
         self.size = group.size()
         self.stats = LinkStats()
         self.watchdog = Watchdog(self.rank, timeout, on_timeout or (lambda _m: None))
+        self.doorbell: Doorbell | None = None  # set by the startup handshake where possible
+        # The last broadcast was idle: the other ranks wait on the doorbell before the next.
+        self.asleep = False
 
     @contextmanager
     def collective(self, what: str, timeout: float | None = None) -> Iterator[None]:
@@ -151,33 +157,41 @@ class Link:
             yield
         self.stats.seconds += time.perf_counter() - start
 
-    def broadcast(self, payload: bytes | None, timeout: float | None = None) -> bytes:
+    def broadcast(
+        self, payload: bytes | None, timeout: float | None = None, idle: bool = False
+    ) -> bytes:
         """Send rank 0's bytes to every rank; every rank calls this in the same order.
 
-        One ``all_sum`` of ``BROADCAST_WORDS`` int32 words carries the length and, usually,
-        the whole message; a longer one (a long prefill chunk's tokens) takes a second
-        collective for the rest. One collective per step matters: each is a round trip.
+        One ``all_sum`` of ``BROADCAST_WORDS`` int32 words carries the length, the idle flag
+        and, usually, the whole message; a longer one (a long prefill chunk's tokens) takes a
+        second collective for the rest. One collective per step matters: each is a round
+        trip. After an idle message the other ranks sleep on the doorbell (where there is
+        one) and rank 0 rings it before the next message, rather than their spinning in the
+        collective for as long as rank 0 has no work.
 
         Args:
             payload: Rank 0's message; ignored elsewhere.
             timeout: Seconds it may take (default: the link's).
+            idle: Rank 0: no work follows soon (a ping while it waits); ignored elsewhere.
 
         Returns:
             The message.
         """
-        room = (BROADCAST_WORDS - 1) * 4
+        room = (BROADCAST_WORDS - 2) * 4
         with self.collective("the step broadcast", timeout):
+            if self.asleep and self.doorbell is not None:
+                (self.doorbell.ring if self.rank == 0 else self.doorbell.wait)()
             mine = payload if self.rank == 0 and payload is not None else b""
             words = np.zeros(BROADCAST_WORDS, np.int32)
             if self.rank == 0:
-                words[0] = len(mine)
+                words[0], words[1] = len(mine), int(idle)
                 head = mine[:room]
-                words[1:].view(np.uint8)[: len(head)] = np.frombuffer(head, np.uint8)
+                words[2:].view(np.uint8)[: len(head)] = np.frombuffer(head, np.uint8)
             first = mx.distributed.all_sum(mx.array(words), group=self.group)
             mx.eval(first)
             received = np.array(first)
-            length = int(received[0])
-            out = received[1:].view(np.uint8)[: min(length, room)].tobytes()
+            length, self.asleep = int(received[0]), bool(received[1])
+            out = received[2:].view(np.uint8)[: min(length, room)].tobytes()
             sent = words.nbytes
             if length > room:
                 rest = np.zeros((length - room + 3) // 4, np.int32)

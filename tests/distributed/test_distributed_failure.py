@@ -103,3 +103,31 @@ def test_rank1_failure_mid_stream(how: str, family_dir, launch) -> None:
     finally:
         if how == "hang" and _alive(pids[1]):
             os.kill(pids[1], signal.SIGKILL)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used (Linux: /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_ranks_sleep_instead_of_spinning(family_dir, launch) -> None:
+    """After a request, neither rank burns a core while the server waits for the next.
+
+    MLX's ring collective polls its sockets, so a rank left waiting in the step broadcast
+    used a whole core for as long as the server was idle; the doorbell lets it sleep.
+    """
+    server = launch(family_dir("qwen2_moe"), "pipeline")
+    url = server.base_url.removesuffix("/v1")
+    pids = rank_pids(server.log)
+    body = {"model": "m", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+    assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+    time.sleep(1.0)  # the idle ping has gone out
+    before = {rank: _cpu_seconds(pid) for rank, pid in pids.items()}
+    window = 4.0
+    time.sleep(window)
+    used = {rank: _cpu_seconds(pid) - before[rank] for rank, pid in pids.items()}
+    assert all(u < 0.25 * window for u in used.values()), used  # spinning is ~1 s a second
+    # And the next request wakes them as before.
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
