@@ -26,17 +26,17 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.make_checkpoint import ensure_checkpoint
-from bench.serverproc import ServerProcess, free_port
+from bench.serverproc import ServerProcess, free_port, launcher_stdin
 
 MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
 MODES = ["single", "pipeline", "tensor"]
@@ -120,13 +120,21 @@ def run(model: Path, tokens: int, rounds: int, concurrency: int) -> dict[str, An
     """Start the three servers, measure, stop them; return the figures."""
     logs = Path(tempfile.mkdtemp(prefix="bench-distributed-"))
     servers: dict[str, ServerProcess] = {}
+    closers: list[Callable[[], None]] = []
     try:
         for mode in MODES:
             port = free_port()
             log = logs / f"{mode}.log"
             cmd = _command(model, port, mode)
-            # An open, empty stdin: mlx.launch's input loop spins on a closed one.
-            servers[mode] = ServerProcess.start(cmd, port, "/health", log, stdin=subprocess.PIPE)
+            if mode == "single":
+                servers[mode] = ServerProcess.start(cmd, port, "/health", log)
+                continue
+            stdin, close = launcher_stdin()  # else mlx.launch spins
+            closers.append(close)
+            try:
+                servers[mode] = ServerProcess.start(cmd, port, "/health", log, stdin=stdin)
+            finally:
+                os.close(stdin)  # the launcher has its own copy
         urls = {m: s.base_url.removesuffix("/v1") for m, s in servers.items()}
         for url in urls.values():  # warm up: first-call compilation and allocation
             _complete(url, 4, "warm up")
@@ -144,6 +152,8 @@ def run(model: Path, tokens: int, rounds: int, concurrency: int) -> dict[str, An
             if mode != "single" and pid0 is not None:
                 _stop_distributed(server, pid0)
             server.stop()
+        for close in closers:
+            close()
     result: dict[str, Any] = {"model": str(model), "tokens": tokens, "rounds": rounds}
     single = {k: statistics.median(v) for k, v in timings["single"].items()}
     for mode in MODES:

@@ -5,29 +5,23 @@ moeserve.server.cli serve ...`` in its own process group (through ``bench/server
 waits for rank 0's ``/health``, and stops every rank at the end of the test. The ranks' pids
 come from the startup line each rank logs.
 
-The launcher's standard input: ``mlx.launch`` (0.32) polls its own standard input and each
-rank's in loops that never sleep while either is ready: a closed input is always readable,
-and a rank's input pipe always writable. So the launcher gets a pipe that stays open and
-first carries ``STDIN_FILL`` bytes, which it forwards until each rank's pipe is full (ranks
-never read it); from then on its loops sleep. Without this the launcher takes most of a core
-(measured: 2 of 3 s idle), a third of this machine's two.
+The launcher gets ``bench.serverproc.launcher_stdin`` as its standard input, without which it
+takes most of a core.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.serverproc import ServerProcess, free_port
+from bench.serverproc import ServerProcess, free_port, launcher_stdin
 from tests.distributed.checkpoints import family_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,27 +58,6 @@ def single_command(model: Path, port: int, *flags: str) -> list[str]:
     """
     serve = [sys.executable, "-m", "moeserve.server.cli", "serve", "--model", str(model)]
     return [*serve, "--port", str(port), *COMMON_FLAGS, *flags]
-
-
-# Bytes that fill both ranks' input pipes (64 KiB each on Linux) with room to spare.
-STDIN_FILL = 1 << 18
-
-
-def launcher_stdin() -> tuple[int, Callable[[], None]]:
-    """A standard input for ``mlx.launch`` that quiets its loops (see the module docstring).
-
-    Returns:
-        The pipe's read end (for ``Popen``; close it here once started) and a function that
-        closes the write end (call it after the launcher stopped).
-    """
-    read, write = os.pipe()
-
-    def fill() -> None:
-        with contextlib.suppress(OSError):  # the launcher is gone
-            os.write(write, b"\n" * STDIN_FILL)  # blocks until the launcher has taken it
-
-    threading.Thread(target=fill, name="mlx-launch-stdin", daemon=True).start()
-    return read, lambda: os.close(write)
 
 
 def rank_pids(log: Path, ranks: int = 2, timeout: float = 30.0) -> dict[int, int]:
