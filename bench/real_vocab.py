@@ -11,7 +11,7 @@ variant once per round; the median of the rounds, since the machine is shared):
 * ``step top_p``: the same step sampling every row at temperature 1, ``top_p`` 0.9, no top_k;
 * ``sample top_p`` / ``sample greedy``: the ``Sampler`` alone on logits already computed;
 * ``step json``: a grammar-constrained step, as the runner does it: the model's graph is
-  started (``mx.async_eval``), the batch's allowed mask is built by ``grammar.allowed_mask``
+  started (``mx.async_eval``), the batch's allowed mask is built by ``grammar_mask.allowed_mask``
   from each row's ``Matcher`` (``GrammarCompiler.json_schema`` of ``bench/constrained.py``'s
   schema, which cannot finish within the run), the ``Sampler`` takes it (greedy), and every
   row's matcher consumes its token;
@@ -51,7 +51,8 @@ from bench.constrained import SCHEMA
 from bench.real_vocab_checkpoint import DEFAULT_REAL_VOCAB_DIR, ensure_real_vocab_checkpoint
 from moeserve.models.cache import CacheStore, StepCache
 from moeserve.models.loader import load
-from moeserve.server.engine.grammar import GrammarCompiler, Matcher, allowed_mask
+from moeserve.server.engine.grammar import GrammarCompiler, Matcher
+from moeserve.server.engine.grammar_mask import allowed_mask
 from moeserve.server.engine.sampling import Sampler, SamplerRow, SamplingParams
 from moeserve.server.text.tokenizer import Tokenizer
 

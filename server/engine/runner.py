@@ -11,7 +11,7 @@ It knows token ids, logits and caches; it does not know text, stop strings, HTTP
 ``to_lists``: the model's work for prefill chunks, decode rows and sampling is one graph.
 Each ``Sequence`` is its own sampler row (parameters, histories, banned ids). When some rows
 follow a grammar (``Sequence.matcher``), the graph is started first and their allowed-token
-mask (``server.engine.grammar.allowed_mask``) is computed on the CPU meanwhile; the output
+mask (``server.engine.grammar_mask.allowed_mask``) is computed on the CPU meanwhile; the output
 processor advances the matchers with the sampled tokens.
 """
 
@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from moeserve.models.base import LanguageModel
 from moeserve.models.cache import CacheStore, Snapshot, StepCache
-from moeserve.server.engine.grammar import allowed_mask
+from moeserve.server.engine.grammar_mask import allowed_mask
 from moeserve.server.engine.sampling import Sampler, TokenSample
 from moeserve.server.engine.scheduler import StepPlan
 from moeserve.server.engine.sequence import Sequence

@@ -18,10 +18,11 @@ import pytest
 
 from moeserve.devtools.demo import CheckpointSpec, build_checkpoint
 from moeserve.models import load
-from moeserve.server.engine import grammar
+from moeserve.server.engine import grammar_mask
 from moeserve.server.engine.engine import Engine
 from moeserve.server.engine.events import DeltaEvent, ErrorEvent, FinishEvent, GenerationRequest
-from moeserve.server.engine.grammar import Constraint, GrammarCompiler, GrammarError, allowed_mask
+from moeserve.server.engine.grammar import Constraint, GrammarCompiler, GrammarError
+from moeserve.server.engine.grammar_mask import allowed_mask
 from moeserve.server.engine.sampling import SamplingParams
 from moeserve.server.engine.scheduler import SchedulerConfig
 from moeserve.server.text.formats.glm45 import Glm45Format
@@ -161,6 +162,21 @@ def test_allowed_mask_matches_the_grammar_and_pads_the_vocabulary(demo) -> None:
     assert opened.sum() > V // 2 and not opened[sorted(demo[1].special_token_ids)].any()
 
 
+def test_a_grammar_needing_ids_past_the_embedding_fails_with_the_cause(demo) -> None:
+    """A model narrower than its tokenizer: a row that allows only ids it has no row for."""
+    compiler = GrammarCompiler(demo[1])
+    probe = compiler.matcher(compiler.json_object())
+    first = int(np.flatnonzero(np.array(allowed_mask([probe], probe.vocab_size))[0])[0])
+    assert first > 0  # the lowest id that may open a JSON object
+    fits, narrow = (compiler.matcher(compiler.json_object()) for _ in range(2))
+    assert np.array(allowed_mask([fits], first + 1))[0, first] and fits.error is None
+    mask = np.array(allowed_mask([narrow, None], first))  # every allowed id is past the table
+    assert mask.shape == (2, first) and mask.all()  # left open; the engine fails the row
+    assert narrow.error is not None and "no embedding row" in narrow.error
+    assert f"it has {first}, the tokenizer {narrow.vocab_size}" in narrow.error
+    assert not narrow.consume(0)  # what the engine then checks: the request fails
+
+
 def test_prebuild_builds_the_tokenizer_off_the_request_path(demo) -> None:
     compiler = GrammarCompiler(demo[1])
     compiler.prebuild().join(timeout=60)
@@ -171,7 +187,7 @@ def test_prebuild_builds_the_tokenizer_off_the_request_path(demo) -> None:
 def test_a_native_mask_failure_fails_only_its_row(demo, monkeypatch) -> None:
     compiler = GrammarCompiler(demo[1])
     good, bad = (compiler.matcher(compiler.json_object()) for _ in range(2))
-    real = grammar._executor()
+    real = grammar_mask._executor()
 
     class Flaky:
         def unsafe_compute_mask_ptr(self, jobs, *args):
@@ -179,7 +195,7 @@ def test_a_native_mask_failure_fails_only_its_row(demo, monkeypatch) -> None:
                 raise RuntimeError("boom\nnative details")
             return real.unsafe_compute_mask_ptr(jobs, *args)
 
-    monkeypatch.setattr(grammar, "_executor", Flaky)
+    monkeypatch.setattr(grammar_mask, "_executor", Flaky)
     V = good.vocab_size
     mask = np.array(allowed_mask([good, None, bad], V))
     assert bad.error == "json_object constraint failed: boom" and good.error is None
