@@ -2,8 +2,8 @@
 
 ``Engine.generate(request)`` is an async iterator of events for one request; ``abort``
 cancels one; ``call`` runs a small function on the engine thread (the admin routes read the
-prompt cache that way). All three post typed messages to one inbox. The engine thread loops:
-take the inbox (admissions, aborts, calls), then ``step``:
+prompt cache that way). All three post typed messages (``server.engine.inbox``) to one
+inbox. The engine thread loops: take the inbox (admissions, aborts, calls), then ``step``:
 
     plan = scheduler.schedule()                       who prefills, who decodes, who leaves
     result = runner.step(plan)                        model -> sampler -> token ids
@@ -18,9 +18,10 @@ Nothing a request carries can stop the engine thread. Per-request work on it (ad
 grammar matchers, prompt-cache lookup and store, detokenising, stop strings) fails only that
 request: refused at admission (the exception surfaces from ``submit``), or ended with one
 ``ErrorEvent`` once running. A prompt-cache lookup that fails is a miss, and a store that
-fails loses only the entry. Only a failure of the batch itself (the model, the runner) stops
-the thread: then every request in flight gets an ``ErrorEvent``, later requests are refused
-with ``EngineDeadError``, and ``healthy`` turns false: nothing hangs.
+fails loses only the entry (``Engine`` inherits these guarded prompt-cache hooks from
+``server.engine.cache_hooks``). Only a failure of the batch itself (the model, the runner)
+stops the thread: then every request in flight gets an ``ErrorEvent``, later requests are
+refused with ``EngineDeadError``, and ``healthy`` turns false: nothing hangs.
 
 A request with a ``constraint`` gets one grammar ``Matcher`` per choice at admission; the
 runner masks its rows and the output processor advances it (see ``Sequence.banned_ids`` for
@@ -38,14 +39,15 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TypeVar
 
 from moeserve.models.base import LanguageModel
+from moeserve.server.engine.cache_hooks import PromptCacheHooks
 from moeserve.server.engine.events import ErrorEvent, Event, FinishEvent, GenerationRequest
 from moeserve.server.engine.grammar import GrammarCompiler, Matcher
+from moeserve.server.engine.inbox import Abort, Admit, Call, Message, Stop
 from moeserve.server.engine.output import OutputProcessor, RequestOutput
-from moeserve.server.engine.prompt_cache import Hit, PromptCache
+from moeserve.server.engine.prompt_cache import PromptCache
 from moeserve.server.engine.runner import Runner
 from moeserve.server.engine.sampling import fresh_generator
 from moeserve.server.engine.scheduler import KVBudget, Scheduler, SchedulerConfig
@@ -61,50 +63,7 @@ class EngineDeadError(RuntimeError):
     """The engine thread is not running; the API answers 503."""
 
 
-# ----- the inbox: what the asyncio side asks of the engine thread -----------------------------
-
-
-@dataclass
-class Admit:
-    """Admit a request; ``admitted`` carries the refusal, if any, back to ``submit``."""
-
-    client: RequestOutput
-    admitted: concurrent.futures.Future[None]
-
-
-@dataclass
-class Abort:
-    """Cancel a request (unknown or finished ones are ignored)."""
-
-    request_id: str
-
-
-@dataclass
-class Call(Generic[T]):
-    """A function to run on the engine thread, with the future that carries its result."""
-
-    fn: Callable[[], T]
-    done: concurrent.futures.Future[T]
-
-    def run(self) -> None:
-        """Run it; whatever it raises goes to the caller, never to the engine."""
-        if not self.done.set_running_or_notify_cancel():
-            return  # the caller went away (a cancelled future refuses any result)
-        try:
-            self.done.set_result(self.fn())
-        except Exception as e:
-            self.done.set_exception(e)
-
-
-@dataclass
-class Stop:
-    """Leave the loop after the current step."""
-
-
-Message = Admit | Abort | Call[Any] | Stop
-
-
-class Engine:
+class Engine(PromptCacheHooks):
     """Continuous-batching generation on a dedicated thread.
 
     Args:
@@ -317,13 +276,6 @@ class Engine:
             # Published as a plain int: the metrics scrape reads it from another thread.
             self.prompt_cache_bytes = self.prompt_cache.nbytes
 
-    def _persist_at_shutdown(self, cache: PromptCache) -> None:
-        """Write the sessions not yet on disk and wait for the writer (a directory is set)."""
-        try:
-            cache.shutdown()
-        except Exception:  # the engine stopped cleanly; only unsaved sessions are lost
-            logger.exception("prompt cache: could not persist sessions at shutdown")
-
     def _drain_inbox(self, block: bool) -> None:
         message = self._inbox.get() if block else self._next_message()
         while message is not None:
@@ -383,52 +335,9 @@ class Engine:
         client.hit, client.open_seqs = hit, len(seqs)
         admitted.set_result(None)
 
-    def _lookup(self, request: GenerationRequest) -> Hit | None:
-        """The prompt-cache hit for a request; a lookup that fails is only a miss."""
-        if self.prompt_cache is None:
-            return None
-        try:
-            return self.prompt_cache.lookup(
-                request.cache_scope, request.session_key, request.prompt_ids
-            )
-        except Exception:
-            logger.exception("prompt-cache lookup failed for %s; no reuse", request.request_id)
-            return None
-
-    def _reusable(self, hit: Hit, shared: int) -> int:
-        """How many of a hit's ``shared`` positions the cache can resume.
-
-        A distributed rank 0 asks every rank: their layers may hold other kinds.
-        """
-        return self.runner.store.usable_length(hit.entry.kv, shared)
-
-    def _release(self, hit: Hit | None) -> None:
-        """Unpin a prompt-cache hit; a failure there (eviction, a write) costs no request."""
-        if hit is None or self.prompt_cache is None:
-            return
-        try:
-            self.prompt_cache.release(hit)
-        except Exception:
-            logger.exception("prompt-cache release failed")
-
     def _matcher(self, request: GenerationRequest) -> Matcher | None:
         """A fresh grammar matcher for one choice (GrammarError refuses the request)."""
         return None if request.constraint is None else self.grammar.matcher(request.constraint)
-
-    def _remember(self, seq: Sequence, request: GenerationRequest) -> None:
-        """Store a finished sequence's KV for its session's next turn (choice 0 only)."""
-        if self.prompt_cache is None or seq.index != 0:
-            return
-        try:
-            snap = self.runner.snapshot(seq.seq_id)
-            if snap is None:
-                return
-            tokens = seq.all_ids[: snap.length]
-            self.prompt_cache.store(
-                request.cache_scope, request.session_key, tokens, snap, snap.nbytes
-            )
-        except Exception:  # the output is complete; only the next turn's reuse is lost
-            logger.exception("prompt-cache store failed for %s", request.request_id)
 
     def _fail_everyone(self, message: str) -> None:
         self.output.fail_all(message)

@@ -39,129 +39,30 @@ sequences that finished otherwise were already reported when the engine called `
 
 The scheduler does not decide why a sequence ends: `update` only appends tokens, and the
 engine asks `sequence.check_stop` (EOS, stop strings, grammar, length) and calls `finish`.
+
+Its limits and the refusals at admission (`SchedulerConfig`, `KVBudget`, `check_request` and
+the errors) live in `server.engine.limits`; the plan it returns (`StepPlan`, `PrefillChunk`)
+in `server.engine.step_plan`. Both are importable from here as well.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, fields
 
-from moeserve.models.cache import CacheLayout
+# ContextLengthError is only re-exported: the API and the tests import it from here.
+from moeserve.server.engine.limits import ContextLengthError as ContextLengthError
+from moeserve.server.engine.limits import (
+    KVBudget,
+    KVBudgetError,
+    QueueFullError,
+    SchedulerConfig,
+    check_request,
+)
 from moeserve.server.engine.sequence import FinishReason, Sequence, SequenceStatus, check_stop
 from moeserve.server.engine.step_cost import StepCostModel, StepShape
+from moeserve.server.engine.step_plan import PrefillChunk, StepPlan
 
 MIN_TIMED_CHUNK = 16  # tokens a step's first chunk gets whatever the time budget says
-
-
-@dataclass(slots=True)
-class SchedulerConfig:
-    """Limits of the scheduler; validated on construction."""
-
-    max_running: int = 32  # sequences holding a slot (prefilling or decoding)
-    max_batched_tokens: int = (
-        2048  # per-step tokens: 1 per decode row, a chunk's length per prefill
-    )
-    max_waiting: int = 256  # queued sequences beyond which add() refuses (HTTP 429)
-    prefill_chunk: int = 512  # longest prompt slice computed for one sequence in one step
-    max_model_len: int = 4096  # prompt + max_tokens limit of one sequence
-    # A step carrying prefill beside decodes may take this multiple of the decodes alone
-    # (predicted); 0 turns the time limit off (the token budget alone, as before issue 18).
-    prefill_step_ratio: float = 0.0  # off by default: bench/RESULTS.md section 15
-
-    def __post_init__(self) -> None:
-        ratio = self.prefill_step_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise ValueError(f"SchedulerConfig.prefill_step_ratio must be a number, got {ratio!r}")
-        if ratio != 0 and not ratio >= 1.0:
-            raise ValueError(
-                f"SchedulerConfig.prefill_step_ratio must be 0 (off) or >= 1, got {ratio!r}"
-            )
-        for f in fields(self):
-            if f.name == "prefill_step_ratio":
-                continue
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SchedulerConfig.{f.name} must be a positive int, got {value!r}")
-        if self.prefill_chunk > self.max_batched_tokens:
-            raise ValueError(
-                f"SchedulerConfig.prefill_chunk ({self.prefill_chunk}) must not exceed "
-                f"max_batched_tokens ({self.max_batched_tokens})"
-            )
-
-
-@dataclass(frozen=True)
-class KVBudget:
-    """The bytes that running sequences' cache state may hold, and what a row costs."""
-
-    layout: CacheLayout
-    max_bytes: int
-
-    def row(self, positions: int, new: int = 1) -> int:
-        """Bytes of one row holding ``positions`` positions (``CacheLayout.row_bytes``)."""
-        return self.layout.row_bytes(positions, new)
-
-
-class KVBudgetError(ValueError):
-    """A request needs more cache memory than the whole budget; the API answers 400."""
-
-
-class QueueFullError(Exception):
-    """The waiting queue cannot take the request now; the API answers 429."""
-
-
-class ContextLengthError(ValueError):
-    """Prompt plus requested completion exceed the model's context; the API answers 400."""
-
-    def __init__(self, prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.max_tokens = max_tokens
-        self.max_model_len = max_model_len
-        super().__init__(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
-            f"{max_tokens} in the completion). Please reduce the length of the messages or "
-            "completion."
-        )
-
-
-@dataclass(slots=True)
-class PrefillChunk:
-    """Prompt positions `[start, end)` of `seq` to compute in this step.
-
-    `end == seq.prefill_target` means the chunk completes the prefill: the runner samples the
-    sequence's first output token from the logits of position `end - 1`, unless the sequence
-    already has output (it was preempted and recomputes: its next token is known).
-    """
-
-    seq: Sequence
-    start: int
-    end: int
-
-    @property
-    def is_last(self) -> bool:
-        """Whether this chunk finishes the prefill (the sequence decodes next)."""
-        return self.end == self.seq.prefill_target
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk yields a token (the last chunk of a first prefill)."""
-        return self.is_last and not self.seq.output_ids
-
-
-@dataclass(slots=True)
-class StepPlan:
-    """What the runner does in one step, and which sequences it can forget."""
-
-    prefills: list[PrefillChunk] = field(default_factory=list)
-    decodes: list[Sequence] = field(default_factory=list)
-    released: list[Sequence] = field(default_factory=list)  # left the scheduler; free their state
-    preempted: list[Sequence] = field(default_factory=list)  # back in the queue; free their state
-    shape: StepShape = field(default_factory=StepShape)  # the work, for the step cost model
-
-    @property
-    def num_batched_tokens(self) -> int:
-        """Tokens this step feeds the model: one per decode row plus every chunk's length."""
-        return len(self.decodes) + sum(c.end - c.start for c in self.prefills)
 
 
 class Scheduler:
@@ -218,13 +119,8 @@ class Scheduler:
                 the whole budget.
             QueueFullError: the waiting queue would exceed `max_waiting` sequences.
         """
-        self._validate(seqs)
+        check_request(seqs, self.config, self._requests)
         cfg = self.config
-        for seq in seqs:
-            if len(seq.prompt_ids) + seq.params.max_tokens > cfg.max_model_len:
-                raise ContextLengthError(
-                    len(seq.prompt_ids), seq.params.max_tokens, cfg.max_model_len
-                )
         self._check_fits(seqs)
         if self.num_waiting + len(seqs) > cfg.max_waiting:
             raise QueueFullError(
@@ -254,32 +150,6 @@ class Scheduler:
                 f"server's kv_cache_max_bytes "
                 f"({self.budget.max_bytes}); reduce max_tokens, the prompt or n"
             )
-
-    def _validate(self, seqs: list[Sequence]) -> None:
-        """Reject malformed groups before anything is queued (see `add`)."""
-        if not seqs:
-            raise ValueError("a request needs at least one sequence")
-        request_id = seqs[0].request_id
-        if any(s.request_id != request_id for s in seqs):
-            raise ValueError("all sequences of one add() must share a request_id")
-        if request_id in self._requests:
-            raise ValueError(f"request {request_id!r} is already scheduled")
-        if len(seqs) > self.config.max_running:
-            raise ValueError(
-                f"n={len(seqs)} exceeds the server's max_running ({self.config.max_running})"
-            )
-        if len(seqs) > self.config.max_waiting:
-            # Never admissible, so a 400 rather than QueueFullError's "retry later".
-            raise ValueError(
-                f"n={len(seqs)} exceeds the server's max_waiting ({self.config.max_waiting})"
-            )
-        for seq in seqs:
-            if not seq.prompt_ids:
-                raise ValueError("the prompt must contain at least one token")
-            if seq.params.max_tokens < 1:
-                raise ValueError(f"max_tokens must be at least 1, got {seq.params.max_tokens}")
-            if seq.num_cached < 0:
-                raise ValueError(f"num_cached must be >= 0, got {seq.num_cached}")
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its unfinished sequences leave at the next `schedule()`.
