@@ -3,7 +3,7 @@
 Knows the machine's memory (Metal's recommended working set on the GPU, physical memory on
 the CPU), the default share of it the KV cache gets, and, given a model's ``CacheLayout``,
 the longest sequence a budget holds. Knows nothing of HTTP or of how the scheduler spends the
-budget (``server/engine/scheduler.py``'s ``KVBudget``); ``server/startup.py`` resolves the
+budget (``server/engine/limits.py``'s ``KVBudget``); ``server/startup.py`` resolves the
 setting with these functions once the model is loaded, and the routes cap a request's default
 ``max_tokens`` with ``longest_row``.
 
