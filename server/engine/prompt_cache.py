@@ -28,6 +28,12 @@ listed by ``sessions``, and kept until deleted; a file for another model, or a t
 corrupt one, is skipped with a warning; hidden leftovers of interrupted writes are removed at
 startup. Anonymous entries stay in memory.
 
+Where the parts live: this module is the manager (lookup, storing, listing, forgetting,
+expiry and the byte budget); ``Entry``, ``Hit``, ``common_prefix`` and the limits
+(``PromptCacheConfig``) are ``prompt_cache_entry.py``'s; naming, indexing and loading the
+session files is ``prompt_cache_files.py``'s ``SessionFiles``, which ``PromptCache``
+extends. All of them are importable from here.
+
 The cache payload is opaque here: the engine hands in and takes out snapshots
 (``models.cache.Snapshot``), decides how much of an entry's prefix its cache kinds can
 resume, and ``encode`` (the engine's) turns them into plain bytes for the writer. Everything
@@ -36,89 +42,39 @@ but the writer thread runs on the engine thread; nothing here is thread-safe on 
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeserve.server.engine.prompt_cache_disk import (
-    Tensor,
-    Writer,
-    read_metadata,
-    remove_stale_temps,
+from moeserve.server.engine.prompt_cache_disk import Tensor, Writer, remove_stale_temps
+from moeserve.server.engine.prompt_cache_entry import (
+    KV,
+    Entry,
+    EntryId,
+    Hit,
+    PromptCacheConfig,
+    common_prefix,
 )
-from moeserve.server.engine.session_keys import belongs_to, digest, tenant_of
+from moeserve.server.engine.prompt_cache_files import SHUTDOWN_FLUSH_SECONDS, SessionFiles
+from moeserve.server.engine.session_keys import belongs_to, tenant_of
 
-logger = logging.getLogger(__name__)
-
-KV = Any  # the engine's snapshot of one row (models.cache.Snapshot); opaque here
-EntryId = tuple[str, str, int]  # (scope, session key or "", anonymous number or 0)
-SHUTDOWN_FLUSH_SECONDS = 30.0
-
-
-@dataclass
-class Entry:
-    """One cached token sequence and its KV."""
-
-    key: str  # the session key; "" in the anonymous pool
-    tokens: list[int]
-    kv: KV | None  # None for an entry only known from disk (see PromptCache._disk)
-    nbytes: int
-    last_used: float
-    pins: int = 0
-    path: Path | None = None  # set once a copy of exactly this entry is on disk (or queued)
-    anonymous: bool = False
-    scope: str = ""
-    number: int = 0  # tells the anonymous entries of one scope apart
-    saved_at: float | None = None  # wall-clock time of the disk copy (disk-only entries)
-
-    @property
-    def id(self) -> EntryId:
-        """Where it is filed: scope, key, anonymous number."""
-        return (self.scope, self.key, self.number)
+# Importers name these here (``from ...prompt_cache import Entry``); they live beside it.
+__all__ = [
+    "KV",
+    "SHUTDOWN_FLUSH_SECONDS",
+    "Entry",
+    "EntryId",
+    "Hit",
+    "PromptCache",
+    "PromptCacheConfig",
+    "common_prefix",
+]
 
 
 @dataclass
-class Hit:
-    """A lookup result: reuse ``entry``'s first ``length`` tokens."""
-
-    entry: Entry
-    length: int
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists.
-
-    Args:
-        a: Tokens.
-        b: Tokens.
-
-    Returns:
-        The prefix length.
-    """
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-@dataclass
-class PromptCacheConfig:
-    """Limits of the prompt cache."""
-
-    max_bytes: int = 2 * 1024**3  # LRU eviction above this
-    ttl_seconds: float = 3600.0  # entries unused this long leave memory
-    directory: Path | None = None  # persistence; None keeps everything in memory only
-    fingerprint: str = ""  # identifies the model whose KV this is (persisted files must match)
-    min_reuse: int = 1  # ignore hits shorter than this many tokens
-
-
-@dataclass
-class PromptCache:
+class PromptCache(SessionFiles):
     """Stores, finds, evicts and persists session KV caches.
 
     Args:
@@ -348,7 +304,7 @@ class PromptCache:
         if self._writer is not None:
             self._writer.close(SHUTDOWN_FLUSH_SECONDS)
 
-    # ----- persistence ------------------------------------------------------------------------
+    # ----- tenants and forgetting -------------------------------------------------------------
 
     def _owned(self, entry: Entry, tenant: str | None) -> bool:
         return tenant is None or tenant_of(entry.scope) == tenant
@@ -363,97 +319,3 @@ class PromptCache:
             if on_disk is not None and on_disk.path is not None:
                 self._discard(on_disk.path)
         return len(gone)
-
-    def _discard(self, path: Path) -> None:
-        if self._writer is not None:
-            self._writer.discard(path)
-            if self.discarded is not None:
-                self.discarded(path)
-
-    def _file(self, scope: str, key: str) -> Path:
-        return self.config.directory / f"{digest(scope, key)[:32]}.safetensors"
-
-    def _persist(self, entry: Entry) -> None:
-        """Queue a session entry's file unless it is already on disk (or persistence is off)."""
-        if self._writer is None or self.encode is None or entry.anonymous:
-            return
-        if entry.kv is None or entry.path is not None:
-            return  # the file on disk is current
-        path = self._file(entry.scope, entry.key)
-        meta = {
-            "moeserve_fingerprint": self.config.fingerprint,
-            "session": entry.key,
-            "scope": entry.scope,
-            "tokens": json.dumps(entry.tokens),
-        }
-        try:
-            tensors = self.encode(entry.kv)
-        except Exception as e:  # the entry stays usable in memory; only its file is lost
-            logger.warning("prompt cache: could not encode session for %s: %s", path, e)
-            return
-        if not self._writer.submit(path, tensors, meta):
-            logger.warning("prompt cache: write queue full; %s is not saved yet", path)
-            return
-        index = self._disk_index()
-        old = index.get(entry.id)
-        if old is not None and old.path not in (None, path):
-            self._discard(old.path)  # a file of the same session under an older name
-        entry.path = path
-        if self.saved is not None:
-            self.saved(entry, path)
-        index[entry.id] = Entry(
-            entry.key,
-            entry.tokens,
-            None,
-            entry.nbytes,
-            entry.last_used,
-            path=path,
-            scope=entry.scope,
-            saved_at=time.time(),
-        )
-
-    def _disk_index(self) -> dict[EntryId, Entry]:
-        if self._disk is None:
-            self._disk = {}
-            if self.config.directory is not None and self.config.directory.is_dir():
-                for path in sorted(self.config.directory.glob("*.safetensors")):
-                    if path.name.startswith("."):
-                        continue  # a write in progress (see prompt_cache_disk.Writer)
-                    entry = self._read_header(path)
-                    if entry is not None:
-                        self._disk[entry.id] = entry
-        return self._disk
-
-    def _read_header(self, path: Path) -> Entry | None:
-        try:
-            meta, size, mtime = read_metadata(path)
-            if meta.get("moeserve_fingerprint") != self.config.fingerprint:
-                logger.warning("prompt cache: %s belongs to another model; ignored", path)
-                return None
-            tokens = json.loads(meta["tokens"])
-            scope = meta.get("scope", "")  # files from before scopes: the no-auth scope
-            return Entry(
-                meta["session"], tokens, None, size, 0.0, path=path, scope=scope, saved_at=mtime
-            )
-        except Exception as e:  # any unreadable file is skipped, never fatal
-            logger.warning("prompt cache: %s is unreadable (%s); ignored", path, e)
-            return None
-
-    def _materialise(self, on_disk: Entry) -> Entry | None:
-        """Load a disk-only session into memory; on failure forget it and report a miss."""
-        if self.load is None or on_disk.path is None:
-            return None
-        if self._writer is not None:
-            # Evicted before its background write landed: wait for that file, not a miss.
-            self._writer.wait(on_disk.path, SHUTDOWN_FLUSH_SECONDS)
-        try:
-            tokens, kv, nbytes, _ = self.load(on_disk.path)
-        except Exception as e:  # a corrupt file is a miss, not a crash
-            logger.warning("prompt cache: could not load %s (%s); ignored", on_disk.path, e)
-            self._disk_index().pop(on_disk.id, None)
-            return None
-        entry = Entry(
-            on_disk.key, tokens, kv, nbytes, self.clock(), path=on_disk.path, scope=on_disk.scope
-        )
-        self.entries[entry.id] = entry
-        return entry
