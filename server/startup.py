@@ -5,8 +5,10 @@ given), which dtype, the id and aliases clients address it by, and its context l
 Shows a progress bar while weights are read. ``build_runtime`` is the app's default runtime
 factory: it loads the model, fingerprints it for the prompt cache's files, picks the chat
 template and tool-call format, sizes the KV budget (``server/kv_memory.py``), starts the
-engine thread and logs the summary line. Knows nothing of routes, middleware or the wire
-format: ``server/http/app.py`` calls ``build_runtime`` in its lifespan.
+engine thread and logs the summary line. The line itself, and the size and URL helpers it is
+written with (``format_bytes``, ``format_count``, ``server_url``, ``weight_bytes``), are
+``server/startup_summary.py``'s, importable from here too. Knows nothing of routes,
+middleware or the wire format: ``server/http/app.py`` calls ``build_runtime`` in its lifespan.
 """
 
 from __future__ import annotations
@@ -23,15 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from moeserve.devtools.demo import DEMO_MODEL_ID, demo_model_dir
-from moeserve.models.backend import kernels, set_fast_math
-from moeserve.models.backend.blas import blas_in_use, blas_warning
+from moeserve.models.backend import set_fast_math
+from moeserve.models.backend.blas import blas_warning
 from moeserve.models.errors import ModelError
 from moeserve.models.loader import LoadedModel, Progress, load, read_json, weight_files
-from moeserve.models.quantize import count_parameters
 from moeserve.models.shard import causal_lm
 from moeserve.server.distributed import launch as distributed
 from moeserve.server.distributed.engine import DistributedEngine
@@ -42,6 +42,10 @@ from moeserve.server.http.deps import Runtime
 from moeserve.server.http.metrics import Metrics
 from moeserve.server.kv_memory import resolve_kv_cache_max_bytes
 from moeserve.server.settings import Settings, SettingsError
+from moeserve.server.startup_summary import format_bytes as format_bytes  # re-exported
+from moeserve.server.startup_summary import format_count as format_count  # re-exported
+from moeserve.server.startup_summary import server_url as server_url  # re-exported
+from moeserve.server.startup_summary import summary_line, weight_bytes
 from moeserve.server.text.chat_template import CHATML_TEMPLATE
 from moeserve.server.text.formats import DEFAULT_TOOL_FORMAT, detect_tool_format, tool_format
 from moeserve.server.text.tokenizer import Tokenizer
@@ -227,94 +231,6 @@ def _check_vocabulary(model: Any, tokenizer: Tokenizer) -> None:
             rows,
             highest,
         )
-
-
-def format_count(n: int) -> str:
-    """A parameter count in millions or billions, e.g. ``2.7B``.
-
-    Args:
-        n: The count.
-
-    Returns:
-        The text.
-    """
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def format_bytes(n: int) -> str:
-    """A size in MiB, or GiB from 1 GiB on, e.g. ``14.3 GiB``.
-
-    Args:
-        n: Bytes.
-
-    Returns:
-        The text.
-    """
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def server_url(host: str, port: int) -> str:
-    """The API's base URL, with an IPv6 host in brackets.
-
-    Args:
-        host: The listening address.
-        port: The port.
-
-    Returns:
-        E.g. ``http://127.0.0.1:8000/v1``.
-    """
-    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"http://{shown}:{port}/v1"
-
-
-def weight_bytes(served: ServedModel) -> int:
-    """Bytes of the loaded model's parameters.
-
-    Args:
-        served: The loaded model.
-
-    Returns:
-        The bytes.
-    """
-    return sum(v.nbytes for _, v in tree_flatten(served.loaded.model.parameters()))
-
-
-def summary_line(
-    served: ServedModel, settings: Settings, kv_cache_max_bytes: int | None = None
-) -> str:
-    """One line for the log at startup: what is served, how big, how fast a BLAS, and where.
-
-    Args:
-        served: The loaded model.
-        settings: The server settings (for the address).
-        kv_cache_max_bytes: The resolved KV budget, None for no byte bound.
-
-    Returns:
-        The line.
-    """
-    params = [v for _, v in tree_flatten(served.loaded.model.parameters())]
-    floats = sorted(
-        {
-            str(v.dtype).removeprefix("mlx.core.")
-            for v in params
-            if mx.issubdtype(v.dtype, mx.floating)
-        }
-    )
-    quant = served.loaded.config.get("quantization")
-    bits = f", {quant['bits']}-bit quantized" if isinstance(quant, dict) and "bits" in quant else ""
-    aliases = f" (aliases: {', '.join(served.aliases)})" if served.aliases else ""
-    layers = served.loaded.model.cache_layout().describe()
-    bound = "no byte bound" if kv_cache_max_bytes is None else format_bytes(kv_cache_max_bytes)
-    if settings.kv_cache_bits:
-        bound += f", {settings.kv_cache_bits}-bit"
-    return (
-        f"serving {served.model_id}{aliases}: {served.loaded.model_type}, "
-        f"{format_count(count_parameters(served.loaded.model))} parameters, "
-        f"{'/'.join(floats) or 'no floating'} weights{bits}, "
-        f"{format_bytes(sum(v.nbytes for v in params))}, context {served.max_model_len} tokens, "
-        f"KV cache {bound} ({layers} layers), BLAS: {blas_in_use()}, {kernels()}; "
-        f"at {server_url(settings.host, settings.port)}"
-    )
 
 
 def model_fingerprint(served: ServedModel, dtype: str | None) -> str:
