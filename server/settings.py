@@ -1,12 +1,15 @@
 """Server settings: ``config/server.toml`` < ``MOESERVE_*`` environment < command-line flags.
 
-Knows every setting of ``moeserve serve``, its default, its documentation and its checks, and
-how the settings become a ``SchedulerConfig``. Where each value came from (so that an error
-names the setting *and* its source), the flags' and variables' spellings and the TOML file
-are ``server/settings_sources.py``'s, re-exported here. Knows nothing about HTTP, models or
-the engine's internals: the model-dependent defaults (``max_model_len``, the served name, and
-``kv_cache_max_bytes`` through ``server/kv_memory.py``) are resolved in ``server/startup.py``
-once the model is loaded.
+Knows every setting of ``moeserve serve``, its default, its documentation and which checks
+apply to it, and how the settings become a ``SchedulerConfig``. The checks themselves (list
+splitting, the single-value rules and their messages, the API key file) and ``resolve_dtype``
+are ``server/settings_values.py``'s; ``resolve_dtype`` is re-exported here. Where each value
+came from (so that an error names the setting *and* its source), the flags' and variables'
+spellings and the TOML file are ``server/settings_sources.py``'s, re-exported here too.
+Cross-setting checks (``prefill_chunk`` against ``max_batched_tokens``) stay on ``Settings``.
+Knows nothing about HTTP, models or the engine's internals: the model-dependent defaults
+(``max_model_len``, the served name, and ``kv_cache_max_bytes`` through
+``server/kv_memory.py``) are resolved in ``server/startup.py`` once the model is loaded.
 
 ``Settings()`` alone reads keyword arguments and the environment; ``load_settings`` adds the
 TOML file underneath them, which is what the command line uses.
@@ -14,8 +17,6 @@ TOML file underneath them, which is what the command line uses.
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +28,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from moeserve.server import settings_values as rules
 from moeserve.server.engine.scheduler import SchedulerConfig
 from moeserve.server.settings_sources import (
     CONFIG_ENV,
@@ -43,6 +45,7 @@ from moeserve.server.settings_sources import (
     settings_error,
     unknown_env_vars,
 )
+from moeserve.server.settings_values import resolve_dtype
 from moeserve.server.text.formats import TOOL_FORMAT_NAMES
 
 __all__ = [
@@ -63,23 +66,6 @@ __all__ = [
 StrList = Annotated[list[str], NoDecode]
 # "auto" or a registered tool-call format (server/text/formats); the flag's choices too.
 ToolParserChoice = Literal[("auto", *TOOL_FORMAT_NAMES)]  # type: ignore[valid-type]
-
-
-def resolve_dtype(dtype: str) -> str | None:
-    """Resolve a ``dtype`` setting (or ``generate --dtype``) for the current MLX device.
-
-    Args:
-        dtype: ``auto`` or a dtype name.
-
-    Returns:
-        A dtype name, or None to keep the checkpoint's dtype (``auto`` on Metal).
-    """
-    if dtype != "auto":
-        return dtype
-    from moeserve.models.backend import is_cpu  # lazily: settings load before anything needs MLX
-
-    # MLX's CPU half-precision and quantized kernels are far slower than its float32 path.
-    return "float32" if is_cpu() else None
 
 
 class Settings(BaseSettings):
@@ -263,79 +249,52 @@ class Settings(BaseSettings):
         """Keyword arguments (the CLI) > environment > TOML; no ``.env`` or secrets dirs."""
         return init_settings, env_settings, FileSource(settings_cls)
 
+    # The rules themselves, with their messages, are settings_values.py's.
+
     @field_validator("model_aliases", "api_keys", "admin_api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
-        """Accept a JSON list or a comma-separated string (the environment's spellings)."""
-        if not isinstance(value, str):
-            return value
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"not a valid JSON list ({e})") from None
-        return [part.strip() for part in text.split(",") if part.strip()]
+        return rules.split_list(value)
 
     @field_validator("kv_cache_bits")
     @classmethod
     def _check_bits(cls, value: int | None) -> int | None:
-        """MLX quantizes to 8 or 4 bits here; anything else is refused by name."""
-        if value not in (None, 4, 8):
-            raise ValueError(f"must be 8 or 4, got {value}")
-        return value
+        return rules.check_bits(value)
 
     @field_validator("prefill_step_ratio")
     @classmethod
     def _check_step_ratio(cls, value: float) -> float:
-        """0 turns the time limit off; below 1 a step could never hold its own decodes."""
-        if value != 0 and not value >= 1.0:
-            raise ValueError(f"must be 0 (off) or at least 1, got {value}")
-        return value
+        return rules.check_step_ratio(value)
 
     @field_validator("model_aliases", "api_keys", "admin_api_keys", "cors_origins")
     @classmethod
     def _check_items(cls, values: list[str]) -> list[str]:
-        """Names, keys and origins are single words; repeats are dropped, order kept."""
-        for item in values:
-            if not item or any(c.isspace() for c in item):
-                raise ValueError(f"entries must be non-empty and without spaces, got {item!r}")
-        return list(dict.fromkeys(values))
+        return rules.check_items(values)
 
     @field_validator("host", "served_model_name")
     @classmethod
     def _check_word(cls, value: str | None) -> str | None:
-        if value is not None and (not value or any(c.isspace() for c in value)):
-            raise ValueError(f"must be non-empty and without spaces, got {value!r}")
-        return value
+        return rules.check_word(value)
 
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str | None) -> str | None:
-        # A local path may contain spaces, so only blank or padded values are refused.
-        if value is not None and (not value.strip() or value != value.strip()):
-            raise ValueError(f"must be a non-empty path or repo id without padding, got {value!r}")
-        return value
+        return rules.check_model(value)
 
     @field_validator("cors_origins")
     @classmethod
     def _check_origins(cls, values: list[str]) -> list[str]:
-        for origin in values:
-            if origin != "*" and not origin.startswith(("http://", "https://")):
-                raise ValueError(f"an origin is * or starts with http:// or https://: {origin!r}")
-        return values
+        return rules.check_origins(values)
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
+        return rules.lower_level(value)
 
     @field_validator("sse_keepalive_seconds")
     @classmethod
     def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number of seconds")
-        return value
+        return rules.finite(value)
 
     @model_validator(mode="after")
     def _check_together(self) -> Settings:
@@ -346,7 +305,7 @@ class Settings(BaseSettings):
                 f"({self.max_batched_tokens}): a chunk is computed within one step's budget",
             )
         if self.api_key_file is not None:
-            self._file_keys = _read_key_file(self.api_key_file)
+            self._file_keys = rules.read_key_file(self.api_key_file)
         return self
 
     def all_api_keys(self) -> frozenset[str]:
@@ -382,26 +341,6 @@ class Settings(BaseSettings):
             max_model_len=self.max_model_len or model_max_len,
             prefill_step_ratio=self.prefill_step_ratio,
         )
-
-
-def _read_key_file(path: Path) -> frozenset[str]:
-    """The keys of an API key file: one per line, blank lines and ``#`` lines skipped."""
-    try:
-        text = path.expanduser().read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise conflict(("api_key_file",), f"cannot read {path}: {e}") from None
-    keys = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if any(c.isspace() for c in line):
-            raise conflict(("api_key_file",), f"{path} line {number}: a key has no spaces")
-        keys.append(line)
-    if not keys:
-        # An empty file would silently switch authentication off.
-        raise conflict(("api_key_file",), f"{path} holds no keys")
-    return frozenset(keys)
 
 
 def load_settings(config_path: Path | None = None, **cli_overrides: Any) -> Settings:
