@@ -1,11 +1,13 @@
-"""Text in, token ids out, and back: tokenizers, chat templates, streaming text and stop strings.
+"""Text in, token ids out, and back: tokenizers, chat templates, special tokens and EOS ids.
 
 This module knows a Hugging Face model directory's tokenizer files (`tokenizer.json`,
 `tokenizer_config.json`, `chat_template.jinja`, `special_tokens_map.json`) plus the end-of-
 sequence ids in `generation_config.json` and `config.json`. It renders chat templates with
 jinja2 in the same sandbox, filters and globals that Hugging Face's `apply_chat_template`
-provides, turns a stream of generated ids into text without ever emitting half a character, and
-finds stop strings that span token boundaries.
+provides, and hands out a streaming detokenizer per generation. Turning a stream of generated
+ids into text without ever emitting half a character lives in `detokenizer.py`, and finding
+stop strings that span token boundaries in `stop_strings.py`; both classes are re-exported
+here, where their users import them from.
 
 It does not know the model, sampling, sessions or HTTP. Messages reach the template as
 `chat_template.prepare_messages` gives them: as given, plus reasoning aliases and, for templates
@@ -32,6 +34,10 @@ from moeserve.server.text.chat_template import (
     load_templates,
     prepare_messages,
 )
+from moeserve.server.text.detokenizer import StreamingDetokenizer
+
+# Re-exported: the engine's output stage and the Anthropic API import it from this module.
+from moeserve.server.text.stop_strings import StopMatcher as StopMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -347,147 +353,3 @@ def _byte_decoder() -> dict[str, int]:
             table[chr(256 + extra)] = b
             extra += 1
     return table
-
-
-class StreamingDetokenizer:
-    """Turns generated token ids into text one token at a time, in O(1) amortised per token.
-
-    It decodes only a small window: the tokens emitted by the previous step (the prefix) and
-    those not yet emitted. Their text minus the prefix's text is the new text. The prefix
-    carries the context decoders need, such as SentencePiece's rule that only the very first
-    token loses its leading space, and it starts on a character boundary. Text that ends in
-    U+FFFD (an unfinished UTF-8 character) is held back until a later token completes it.
-    Special tokens are dropped before decoding, as `decode(..., skip_special_tokens=True)`
-    does, except those the caller asks to keep (tool-call markers a parser must see). So the
-    outputs concatenate to the full decode of the ids whenever their bytes are valid UTF-8;
-    invalid bytes still come out as U+FFFD, though SentencePiece byte fallback may then mark a
-    different number of characters than a one-shot decode does.
-
-    Args:
-        tokenizer: The tokenizer whose `decode` is used.
-        keep: Special token ids to keep in the text rather than drop.
-    """
-
-    # UTF-8 needs at most 4 bytes, so a character completes within 4 tokens; past this many
-    # held tokens the model produced invalid bytes, and they are released as U+FFFD.
-    _MAX_HELD = 8
-
-    def __init__(self, tokenizer: Tokenizer, keep: frozenset[int] = frozenset()) -> None:
-        self._tokenizer = tokenizer
-        self._skip = tokenizer.special_token_ids - keep
-        self._window: list[int] = []
-        self._read = 0  # window[:_read] is the prefix; window[_read:] is not yet emitted
-        self._prefix_text = ""
-
-    def add(self, token_id: int) -> str:
-        """Add one generated token.
-
-        Args:
-            token_id: The token id.
-
-        Returns:
-            The text this token finalised (often "", sometimes several tokens' worth).
-        """
-        if token_id in self._skip:
-            return ""
-        self._window.append(token_id)
-        text = self._decode()
-        undecided = text.endswith("\ufffd") or len(text) <= len(self._prefix_text)
-        if undecided and len(self._window) - self._read < self._MAX_HELD:
-            return ""
-        return self._emit(text)
-
-    def flush(self) -> str:
-        """End the stream.
-
-        Returns:
-            The text still held back (possibly ending in U+FFFD if the bytes never completed).
-        """
-        if len(self._window) == self._read:
-            return ""
-        return self._emit(self._decode())
-
-    def _decode(self) -> str:
-        # Dropped special ids never enter the window, so whatever special token is in it was
-        # asked to be kept: decode without skipping.
-        return self._tokenizer.decode(self._window, skip_special_tokens=False)
-
-    def _emit(self, text: str) -> str:
-        new_text = text[len(self._prefix_text) :]
-        # The tokens just emitted become the next prefix; everything older is dropped.
-        self._window = self._window[self._read :]
-        self._read = len(self._window)
-        self._prefix_text = self._decode()
-        return new_text
-
-
-class StopMatcher:
-    """Cuts a text stream at the first stop string, even when one spans several chunks.
-
-    Text that could be the start of a stop string is held back until the next chunk decides
-    it, never more than `max(len(stop)) - 1` characters. When stop strings overlap, the one
-    that completes first in the stream wins; its text and everything after it are dropped.
-
-    Args:
-        stops: The stop strings; empty strings are ignored.
-    """
-
-    def __init__(self, stops: Iterable[str]) -> None:
-        self.stops = sorted({s for s in stops if s}, key=len, reverse=True)
-        self.matched: str | None = None
-        self._held = ""
-
-    @property
-    def stopped(self) -> bool:
-        """Whether a stop string has completed."""
-        return self.matched is not None
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add newly generated text.
-
-        Args:
-            text: The next chunk of text.
-
-        Returns:
-            The text safe to emit, and whether a stop string completed (after which every
-            further call returns `("", True)`).
-        """
-        if self.matched is not None:
-            return "", True
-        buffer = self._held + text
-        start = self._find_stop(buffer)
-        if start is not None:
-            self._held = ""
-            return buffer[:start], True
-        keep = self._partial_stop_len(buffer)
-        self._held = buffer[len(buffer) - keep :]
-        return buffer[: len(buffer) - keep], False
-
-    def flush(self) -> str:
-        """End the stream.
-
-        Returns:
-            The held-back text, which no stop string can complete any more.
-        """
-        held, self._held = self._held, ""
-        return held
-
-    def _find_stop(self, buffer: str) -> int | None:
-        # Earliest end wins (what a character-by-character stream would see first); among
-        # stops ending at the same place the longest, i.e. earliest start, wins.
-        best: tuple[int, int] | None = None
-        for stop in self.stops:
-            start = buffer.find(stop)
-            if start >= 0 and (best is None or (start + len(stop), start) < best):
-                best = (start + len(stop), start)
-                self.matched = stop
-        return None if best is None else best[1]
-
-    def _partial_stop_len(self, buffer: str) -> int:
-        longest = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(buffer)), longest, -1):
-                if buffer.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
