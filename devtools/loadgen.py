@@ -17,15 +17,14 @@ What it knows about servers:
   very same prompts.
 * The output length is fixed with ``max_tokens`` plus ``ignore_eos``/``min_tokens`` (moeserve and
   vLLM honour them; mlx_lm.server ignores unknown fields, so there a request may end early at
-  EOS). Token counts come from the final ``usage`` chunk (``stream_options.include_usage``);
-  without one, each content chunk counts as one token.
-* SSE comment lines (``: keepalive``) are ignored; ``{"error": ...}`` data, ``event: error``,
-  an HTTP status other than 200, a stream that ends before ``[DONE]``, a network error or the
-  per-request timeout make a request fail.
-* ITL gaps are measured between content chunks. When ``usage`` shows that chunks carried more
-  than one token on average (a detokenizer holding back partial characters), each gap is
-  divided by that average; per-chunk token counts are not on the wire, so this is the closest
-  an HTTP client can get.
+  EOS).
+* How one streaming request is read and timed (token counts, SSE, failures, ITL) is
+  ``loadgen_request``'s.
+
+This module chooses the prompts, calibrates their length, runs the clients and is the
+``moeserve bench`` command. Turning the results into the report and its table is
+``loadgen_report``'s; ``RequestResult``, ``summarize`` and ``format_report`` are re-exported
+here, where their users import them from.
 
 It knows nothing of any server's internals and needs only httpx.
 """
@@ -35,18 +34,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from moeserve.devtools.loadgen_report import format_report as format_report
+from moeserve.devtools.loadgen_report import summarize as summarize
+from moeserve.devtools.loadgen_request import RequestResult as RequestResult
+from moeserve.devtools.loadgen_request import one_request
 
 TOKENS_PER_WORD = 1.3  # typical for English under BPE vocabularies; used without /tokenize
 _CALIBRATION_SAMPLES = 4
@@ -72,159 +73,6 @@ def build_prompt(index: int, words: int, seed: int = 0) -> str:
     """
     rng = random.Random(seed * 1_000_003 + index)
     return f"Request {index}: " + " ".join(rng.choice(_WORDS) for _ in range(words))
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default method); 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    low, high = math.floor(pos), math.ceil(pos)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-@dataclass
-class RequestResult:
-    """What one request measured. Times are seconds from the moment it was sent."""
-
-    ok: bool = False
-    error: str = ""
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    ttft: float | None = None  # first chunk with non-empty content
-    latency: float = 0.0  # until the stream ended
-    itl: list[float] = field(default_factory=list)  # gaps between content chunks
-    chunks: int = 0  # content chunks received
-
-
-async def _sse_data(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    """Yield ``(event, data)`` per server-sent event, skipping comment lines."""
-    event, data = "message", []
-    async for line in response.aiter_lines():
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue  # comments: keepalives carry nothing
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-    if data:
-        yield event, "\n".join(data)
-
-
-def _chunk_text(chunk: dict[str, Any]) -> str:
-    for choice in chunk.get("choices") or []:
-        delta = choice.get("delta") or {}
-        if delta.get("content"):
-            return delta["content"]
-    return ""
-
-
-async def _consume(response: httpx.Response, result: RequestResult, start: float) -> bool:
-    """Read one stream into ``result``. Returns whether ``[DONE]`` arrived."""
-    last = start
-    async for event, data in _sse_data(response):
-        if data.strip() == "[DONE]":
-            return True
-        chunk = json.loads(data)
-        if event == "error" or "error" in chunk:
-            err = chunk.get("error", chunk)
-            result.error = str(err.get("message", err) if isinstance(err, dict) else err)
-            return False
-        if usage := chunk.get("usage"):
-            result.prompt_tokens = usage.get("prompt_tokens") or result.prompt_tokens
-            result.output_tokens = usage.get("completion_tokens") or 0
-        if _chunk_text(chunk):
-            now = time.perf_counter()
-            if result.ttft is None:
-                result.ttft = now - start
-            else:
-                result.itl.append(now - last)
-            last = now
-            result.chunks += 1
-    return False
-
-
-async def _stream(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], result: RequestResult, start: float
-) -> None:
-    async with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            text = (await response.aread()).decode(errors="replace")[:200]
-            result.error = f"HTTP {response.status_code}: {text}"
-        elif not await _consume(response, result, start) and not result.error:
-            result.error = "stream ended before [DONE]"
-
-
-async def _one_request(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], timeout: float
-) -> RequestResult:
-    """Send one streaming request and measure it; never raises for server or network errors."""
-    result = RequestResult()
-    start = time.perf_counter()
-    try:
-        # httpx's timeout bounds each read; this bounds the whole request.
-        await asyncio.wait_for(_stream(client, url, body, result, start), timeout)
-    except asyncio.TimeoutError:
-        result.error = f"timed out after {timeout} s"
-    except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
-        result.error = f"{type(e).__name__}: {e}"
-    result.latency = time.perf_counter() - start
-    result.ok = not result.error
-    if result.output_tokens == 0:
-        result.output_tokens = result.chunks  # no usage chunk: one token per content chunk
-    if result.chunks > 1 and result.output_tokens > result.chunks:
-        per_chunk = result.output_tokens / result.chunks
-        result.itl = [gap / per_chunk for gap in result.itl]
-    return result
-
-
-def summarize(results: list[RequestResult], duration: float, concurrency: int) -> dict[str, Any]:
-    """Aggregate per-request results under ``vllm bench serve``'s metric names.
-
-    Args:
-        results: One per request, failed ones included.
-        duration: Wall-clock seconds from the first request sent to the last one done.
-        concurrency: The client concurrency used.
-
-    Returns:
-        The report (times in ms, throughputs per second).
-    """
-    done = [r for r in results if r.ok]
-    total_in = sum(r.prompt_tokens for r in done)
-    total_out = sum(r.output_tokens for r in done)
-    series = {
-        "ttft": [r.ttft * 1000 for r in done if r.ttft is not None],
-        "tpot": [
-            (r.latency - r.ttft) * 1000 / (r.output_tokens - 1)
-            for r in done
-            if r.ttft is not None and r.output_tokens > 1
-        ],
-        "itl": [gap * 1000 for r in done for gap in r.itl],
-        "e2el": [r.latency * 1000 for r in done],
-    }
-    report: dict[str, Any] = {
-        "num_prompts": len(results),
-        "max_concurrency": concurrency,
-        "duration": duration,
-        "completed": len(done),
-        "failed": len(results) - len(done),
-        "total_input_tokens": total_in,
-        "total_output_tokens": total_out,
-        "request_throughput": len(done) / duration if duration else 0.0,
-        "output_throughput": total_out / duration if duration else 0.0,
-        "total_token_throughput": (total_in + total_out) / duration if duration else 0.0,
-    }
-    for name, values in series.items():
-        report[f"mean_{name}_ms"] = statistics.fmean(values) if values else 0.0
-        report[f"median_{name}_ms"] = _percentile(values, 50)
-        report[f"p99_{name}_ms"] = _percentile(values, 99)
-    report["errors"] = sorted({r.error for r in results if r.error})[:5]
-    return report
 
 
 async def _count_tokens(client: httpx.AsyncClient, root: str, model: str, text: str) -> int | None:
@@ -366,7 +214,7 @@ async def run_load(
             body = _request_body(model, build_prompt(index, prompt_words, seed), output_tokens)
             await asyncio.sleep(stagger * min(index, concurrency))
             async with gate:
-                return await _one_request(client, f"{base}/chat/completions", body, timeout)
+                return await one_request(client, f"{base}/chat/completions", body, timeout)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(one(i) for i in range(num_requests)))
@@ -378,43 +226,6 @@ async def run_load(
     report = summarize(list(results), duration, concurrency)
     report.update(model=model, prompt_words=prompt_words, prompt_tokens_source=source)
     return report
-
-
-_TABLE = (
-    ("Successful requests", "completed", "d"),
-    ("Failed requests", "failed", "d"),
-    ("Maximum request concurrency", "max_concurrency", "d"),
-    ("Benchmark duration (s)", "duration", ".2f"),
-    ("Total input tokens", "total_input_tokens", "d"),
-    ("Total generated tokens", "total_output_tokens", "d"),
-    ("Request throughput (req/s)", "request_throughput", ".2f"),
-    ("Output token throughput (tok/s)", "output_throughput", ".2f"),
-    ("Total token throughput (tok/s)", "total_token_throughput", ".2f"),
-)
-
-_SERIES = (("ttft", "Time to First Token"), ("tpot", "Time per Output Token"),
-           ("itl", "Inter-token Latency"))  # fmt: skip
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """A human table in the layout of ``vllm bench serve``.
-
-    Args:
-        report: From ``run_load``.
-
-    Returns:
-        The table text.
-    """
-    lines = [f"{' Serving Benchmark Result ':=^50}"]
-    lines += [f"{label + ':':<40}{report[key]:<10{fmt}}" for label, key, fmt in _TABLE]
-    for name, title in _SERIES:
-        lines.append(f"{' ' + title + ' ':-^50}")
-        for stat in ("mean", "median", "p99"):
-            label = f"{stat.capitalize() if stat != 'p99' else 'P99'} {name.upper()} (ms):"
-            lines.append(f"{label:<40}{report[f'{stat}_{name}_ms']:<10.2f}")
-    lines.append("=" * 50)
-    lines += [f"error: {e}" for e in report.get("errors", [])]
-    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
