@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from bench.make_checkpoint import ensure_checkpoint
-from bench.serverproc import ServerProcess, free_port, launcher_stdin
+from bench.serverproc import ServerProcess, free_port, launcher_stdin, rank_pids
 
 MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
 MODES = ["single", "pipeline", "tensor"]
@@ -68,11 +68,6 @@ def _per_token(url: str, tokens: int, concurrency: int) -> float:
         done = list(pool.map(lambda p: _complete(url, tokens, p), prompts))
     elapsed = time.perf_counter() - start
     return elapsed / max(d[1] for d in done)  # one step per token of the longest
-
-
-def _rank_pids(log: Path) -> dict[int, int]:
-    text = log.read_text(errors="replace")
-    return {int(r): int(p) for r, p in re.findall(r"rank (\d+) [^;]*?\(pid (\d+)\)", text)}
 
 
 def _peak_rss(pid: int) -> int:
@@ -143,12 +138,12 @@ def run(model: Path, tokens: int, rounds: int, concurrency: int) -> dict[str, An
             for mode in MODES:
                 timings[mode]["b1"].append(_per_token(urls[mode], tokens, 1))
                 timings[mode]["bN"].append(_per_token(urls[mode], tokens, concurrency))
-        pids = {m: _rank_pids(servers[m].log) for m in MODES if m != "single"}
+        pids = {m: rank_pids(servers[m].log, timeout=0) for m in MODES if m != "single"}
         rss = {m: {r: _peak_rss(p) for r, p in pids[m].items()} for m in pids}
         rss["single"] = {0: _peak_rss(servers["single"].process.pid)}
     finally:
         for mode, server in servers.items():
-            pid0 = _rank_pids(server.log).get(0)
+            pid0 = rank_pids(server.log, timeout=0).get(0)
             if mode != "single" and pid0 is not None:
                 _stop_distributed(server, pid0)
             server.stop()

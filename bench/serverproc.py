@@ -1,14 +1,16 @@
 """Start and stop a server process on a loopback port for benchmarks.
 
 Knows how to pick a free port, wait for readiness on an HTTP path, read a process's peak
-resident memory, and stop the process group, and gives ``mlx.launch`` a standard input it
-does not spin on. Used by the benches that start servers and by the two-rank tests.
+resident memory, and stop the process group; gives ``mlx.launch`` a standard input it does
+not spin on, and reads the ranks' pids from a distributed server's log. Used by the benches
+that start servers and by the two-rank tests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -181,3 +183,28 @@ def launcher_stdin() -> tuple[int, Callable[[], None]]:
 
     threading.Thread(target=fill, name="mlx-launch-stdin", daemon=True).start()
     return read, lambda: os.close(write)
+
+
+def rank_pids(log: Path, ranks: int = 2, timeout: float = 30.0) -> dict[int, int]:
+    """Each rank's pid, from the distributed startup line, waiting until every rank's shows.
+
+    ``/health`` answers straight from rank 0's socket, but the ranks' output reaches the log
+    through ``mlx.launch``'s relay loop, so on a loaded machine the startup line can land a
+    moment after the server is up (CI once read an empty log here).
+
+    Args:
+        log: The launcher's output.
+        ranks: How many ranks' pids to wait for.
+        timeout: Seconds to wait for them.
+
+    Returns:
+        ``{rank: pid}`` (fewer than ``ranks`` entries only if the wait ran out; with
+        ``timeout`` 0, whatever the log holds now).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace")
+        found = {int(r): int(p) for r, p in re.findall(r"rank (\d+) [^;]*?\(pid (\d+)\)", text)}
+        if len(found) >= ranks or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)

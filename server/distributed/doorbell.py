@@ -86,7 +86,7 @@ class Listener:
             peers: How many ranks connect (the group's size minus one).
 
         Returns:
-            The connections by rank (index 0 unused: None there), or None if one failed.
+            The connections of ranks 1 to ``peers``, in rank order, or None if one failed.
         """
         if self.sock is None:
             return None
@@ -96,7 +96,11 @@ class Listener:
             while len(conns) < peers:
                 conn, _ = self.sock.accept()
                 conn.settimeout(CONNECT_SECONDS)
-                token, rank = _HELLO.unpack(_recv_exactly(conn, _HELLO.size))
+                hello = conn.recv(_HELLO.size, socket.MSG_WAITALL)
+                if len(hello) != _HELLO.size:
+                    conn.close()  # closed before saying who it is
+                    continue
+                token, rank = _HELLO.unpack(hello)
                 if token != self.token or not 0 < rank <= peers or rank in conns:
                     conn.close()  # not one of ours
                     continue
@@ -108,7 +112,7 @@ class Listener:
             return None
         finally:
             self.sock.close()
-        return [None, *(conns[r] for r in range(1, peers + 1))]  # type: ignore[list-item]
+        return [conns[r] for r in range(1, peers + 1)]
 
 
 def connect(host: str, port: int, token: int, rank: int) -> socket.socket | None:
@@ -178,16 +182,6 @@ class Doorbell:
             sock.close()
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        part = sock.recv(n - len(data))
-        if not part:
-            raise ConnectionError("closed during the doorbell handshake")
-        data += part
-    return data
-
-
 def open_doorbell(
     rank: int,
     size: int,
@@ -211,8 +205,7 @@ def open_doorbell(
     host, port, token = rank0
     socks: list[socket.socket] | None
     if rank == 0:
-        accepted = listener.accept(size - 1) if listener is not None else None
-        socks = accepted[1:] if accepted is not None else None  # type: ignore[assignment]
+        socks = listener.accept(size - 1) if listener is not None else None
     else:
         one = connect(host, port, token, rank) if host else None
         socks = [one] if one is not None else None

@@ -131,7 +131,6 @@ def attach(loaded: LoadedModel, shard: Shard) -> nn.Module:
     group.doorbell = doorbell.open_doorbell(
         group.rank, group.size, listener, (host, port, token), agree
     )
-    group.asleep = group.doorbell is not None  # the others wait for rank 0's first message
     if isinstance(shard, PipelineShard):
         from moeserve.server.distributed.pipeline import PipelineModel
 

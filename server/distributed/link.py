@@ -141,8 +141,9 @@ class Link:
         self.stats = LinkStats()
         self.watchdog = Watchdog(self.rank, timeout, on_timeout or (lambda _m: None))
         self.doorbell: Doorbell | None = None  # set by the startup handshake where possible
-        # The last broadcast was idle: the other ranks wait on the doorbell before the next.
-        self.asleep = False
+        # The last broadcast was idle (or none was sent yet): the other ranks wait on the
+        # doorbell, where there is one, before the next.
+        self.asleep = True
 
     @contextmanager
     def collective(self, what: str, timeout: float | None = None) -> Iterator[None]:

@@ -3,7 +3,7 @@
 ``launch(model_dir, mode, *flags)`` runs ``mlx.launch -n 2 --backend ring -- python -m
 moeserve.server.cli serve ...`` in its own process group (through ``bench/serverproc.py``),
 waits for rank 0's ``/health``, and stops every rank at the end of the test. The ranks' pids
-come from the startup line each rank logs.
+come from the startup line each rank logs (``bench.serverproc.rank_pids``).
 
 The launcher gets ``bench.serverproc.launcher_stdin`` as its standard input, without which it
 takes most of a core.
@@ -12,10 +12,8 @@ takes most of a core.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -58,30 +56,6 @@ def single_command(model: Path, port: int, *flags: str) -> list[str]:
     """
     serve = [sys.executable, "-m", "moeserve.server.cli", "serve", "--model", str(model)]
     return [*serve, "--port", str(port), *COMMON_FLAGS, *flags]
-
-
-def rank_pids(log: Path, ranks: int = 2, timeout: float = 30.0) -> dict[int, int]:
-    """Each rank's pid, from the distributed startup line, waiting until every rank's shows.
-
-    ``/health`` answers straight from rank 0's socket, but the ranks' output reaches the log
-    through ``mlx.launch``'s relay loop, so on a loaded machine the startup line can land a
-    moment after the server is up (CI once read an empty log here).
-
-    Args:
-        log: The launcher's output.
-        ranks: How many ranks' pids to wait for.
-        timeout: Seconds to wait for them.
-
-    Returns:
-        ``{rank: pid}`` (fewer than ``ranks`` entries only if the wait ran out).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        text = log.read_text(errors="replace")
-        found = {int(r): int(p) for r, p in re.findall(r"rank (\d+) [^;]*?\(pid (\d+)\)", text)}
-        if len(found) >= ranks or time.monotonic() > deadline:
-            return found
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

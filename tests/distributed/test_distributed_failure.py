@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.distributed.conftest import rank_pids
+from bench.serverproc import rank_pids
 
 pytestmark = pytest.mark.slow
 
